@@ -1,0 +1,439 @@
+"""Public entry points: validate -> output format and allocation -> tile config -> launch
+-> (split-KV) combine.
+
+All three entry points describe their inputs as one `_Problem` (strides per
+(batch, token, head), optional cu_seqlens / seqused / block table) and share
+`_launch`. Nothing here reads a device value on the host: no synchronization, so
+the calls are safe under CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from . import quant
+from .kernels.combine import combine_kernel
+from .kernels.config import FwdConfig, forward_config, next_pow2, num_sms, num_splits_heuristic, split_head_dim
+from .kernels.forward import attn_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+_FP8_PARAMS = {  # max finite, mantissa bits, exponent of the smallest normal
+    torch.float8_e4m3fn: (448.0, 3, -6),
+    torch.float8_e5m2: (57344.0, 2, -14),
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------
+# Validation helpers: each raises TypeError / ValueError naming the argument.
+# ----------------------------------------------------------------------------------
+
+
+def _check_tensor(name, t, rank=None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if rank is not None and t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be one of ({names}), got {t.dtype}")
+
+
+def _check_device(name, t, device):
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}: all tensors must be on one device")
+
+
+def _check_qkv(q, k, v, q_rank, kv_rank):
+    _check_tensor("q", q, q_rank, quant.INPUT_DTYPES)
+    _check_tensor("k", k, kv_rank)
+    _check_tensor("v", v, kv_rank)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        _check_device(name, t, q.device)
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            f"q is on {q.device}: attnquant runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got stride {t.stride(-1)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must agree in all but the last dimension, got {tuple(k.shape)} and {tuple(v.shape)}")
+    h, d = q.shape[-2], q.shape[-1]
+    hkv, dk, dv = k.shape[-2], k.shape[-1], v.shape[-1]
+    if dk != d:
+        raise ValueError(f"k's head dim {dk} must equal q's head dim {d}")
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"q's head count {h} must be a multiple of k/v's head count {hkv}")
+    if split_head_dim(d) is None:
+        raise ValueError(
+            f"q/k head dim {d} is unsupported: expected a power of two in [16, 256] or a sum of two "
+            "(e.g. 96 = 64 + 32, 192 = 128 + 64)"
+        )
+    if dv % 16 != 0 or not 16 <= dv <= 256:
+        raise ValueError(f"v's head dim {dv} is unsupported: expected a multiple of 16 in [16, 256]")
+
+
+def _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse):
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+        raise TypeError(f"softmax_scale must be a Python float or None, got {type(softmax_scale).__name__}")
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a Python float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if min(window_size) < -1:
+        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {tuple(window_size)}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0 (0 = heuristic), got {num_splits}")
+
+
+def _check_int(name, x, lo=0):
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be a Python int, got {type(x).__name__}")
+    if x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+
+
+def _check_index_tensor(name, t, device, rank, shape0=None):
+    _check_tensor(name, t, rank, (torch.int32,))
+    _check_device(name, t, device)
+    if shape0 is not None and t.shape[0] != shape0:
+        raise ValueError(f"{name} must have {shape0} rows, got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _check_block_table(block_table, device, batch, num_blocks, page_size):
+    _check_index_tensor("block_table", block_table, device, 2, batch)
+    if page_size & (page_size - 1) or page_size > 1024:
+        raise ValueError(f"the paged cache's page size (dim 1) must be a power of two <= 1024, got {page_size}")
+    if block_table.device.type == "cpu" and block_table.numel():
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block_table entries must lie in [0, {num_blocks}), got [{lo}, {hi}]")
+
+
+def _check_lengths_on_host(name, lengths, limit):
+    """Values of a length tensor can only be checked without a sync when it lives on the CPU."""
+    if lengths.device.type == "cpu" and lengths.numel():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > limit:
+            raise ValueError(f"{name} must lie in [0, {limit}], got values in [{lo}, {hi}]")
+
+
+def _check_cu_seqlens(name, cu, device, batch_plus_1, total, max_seqlen):
+    _check_index_tensor(name, cu, device, 1, batch_plus_1)
+    if cu.device.type == "cpu":
+        c = cu.tolist()
+        d = [b - a for a, b in zip(c, c[1:])]
+        if c[0] != 0 or min(d, default=0) < 0 or c[-1] > total:
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {total}, got {c}")
+        if max(d, default=0) > max_seqlen:
+            raise ValueError(f"{name} has a sequence of {max(d)} tokens, more than its max_seqlen {max_seqlen}")
+
+
+# ----------------------------------------------------------------------------------
+# The problem description shared by all entry points, and the launcher.
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Problem:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    batch: int
+    num_heads: int
+    num_heads_kv: int
+    head_dim: int
+    head_dim_v: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    q_strides: Tuple[int, int, int]  # (batch, token, head)
+    k_strides: Tuple[int, int, int]  # (batch or page, token, head)
+    v_strides: Tuple[int, int, int]
+    out_shape: Tuple[int, ...]  # (B, Sq, H, Dv) or (total_q, H, Dv)
+    lse_shape: Tuple[int, ...]  # (B, H, Sq) or (H, total_q)
+    varlen: bool
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    seqused_k: Optional[torch.Tensor] = None
+    block_table: Optional[torch.Tensor] = None
+    page_size: int = 1
+
+    @property
+    def num_tokens(self) -> int:  # rows of the output, batch and sequence flattened
+        return self.out_shape[0] if self.varlen else self.batch * self.max_seqlen_q
+
+
+def _token_strides(t: torch.Tensor, varlen: bool):
+    """(batch, token, head) strides of an output-like tensor; batch stride 0 for varlen."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool):
+    """(batch, head, token) strides of an LSE tensor: (B, H, Sq) or (H, total_q)."""
+    if varlen:
+        return 0, lse.stride(0), lse.stride(1)
+    return lse.stride(0), lse.stride(1), lse.stride(2)
+
+
+def _prepare_out(p: _Problem, fmt: quant.OutputFormat, out: Optional[torch.Tensor]) -> torch.Tensor:
+    if out is None:
+        return torch.empty(p.out_shape, dtype=fmt.dtype, device=p.q.device)
+    if tuple(out.shape) != p.out_shape:
+        raise ValueError(f"out must have shape {p.out_shape}, got {tuple(out.shape)}")
+    _check_device("out", out, p.q.device)
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in its last dimension")
+    return out
+
+
+def _epilogue_constexprs(fmt: quant.OutputFormat):
+    fp8_max, mant, emin = _FP8_PARAMS.get(fmt.dtype, (0.0, 0, 0))
+    return dict(
+        OUT_KIND=fmt.kind, FP8_MAX=fp8_max, FP8_MANT=mant, FP8_EMIN=emin,
+        EMULATE_FP8_ROUNDING=_interpreting() and fmt.dtype in _FP8_PARAMS,
+    )
+
+
+def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_scale, causal, window_size,
+            softcap, num_splits, return_lse, config: Optional[FwdConfig] = None):
+    q, k, v = p.q, p.k, p.v
+    device = q.device
+    group = p.num_heads // p.num_heads_kv
+    scale = p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    left, right = window_size
+    if causal:
+        right = 0
+    interpret = _interpreting()
+    cfg = config or forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * group, interpret)
+    block_da, block_db = split_head_dim(p.head_dim)
+    block_dv = max(16, next_pow2(p.head_dim_v))
+    m_tiles = triton.cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
+    key_blocks = triton.cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
+    if num_splits == 0:
+        sms = 16 if interpret else num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        num_splits = num_splits_heuristic(m_tiles * p.batch * p.num_heads_kv, p.max_seqlen_k, cfg.block_n, sms)
+    num_splits = max(1, min(num_splits, key_blocks))
+
+    lse = torch.empty(p.lse_shape, dtype=torch.float32, device=device) if return_lse else None
+    if p.batch == 0 or p.max_seqlen_q == 0 or p.num_heads == 0 or out.numel() == 0:
+        return out, lse
+    split = num_splits > 1
+    if split:  # float32 partials, token-major so the combine reads rows contiguously
+        tokens = p.num_tokens
+        o_buf = torch.empty((num_splits, tokens, p.num_heads, p.head_dim_v), dtype=torch.float32, device=device)
+        l_buf = torch.empty((num_splits, tokens, p.num_heads), dtype=torch.float32, device=device)
+        tok_per_b = 0 if p.varlen else p.max_seqlen_q
+        o_strides = (o_buf.stride(0), tok_per_b * o_buf.stride(1), o_buf.stride(1), o_buf.stride(2))
+        l_strides = (l_buf.stride(0), tok_per_b * l_buf.stride(1), l_buf.stride(2), l_buf.stride(1))
+        fwd_fmt = quant.OutputFormat(quant.PLAIN, torch.float32)
+    else:
+        o_buf, l_buf = out, (lse if lse is not None else out)
+        o_strides = (0,) + _token_strides(out, p.varlen)
+        l_strides = (0,) + (_lse_strides(lse, p.varlen) if lse is not None else (0, 0, 0))
+        fwd_fmt = fmt
+
+    dummy = q  # stands in for pointer arguments a variant does not read
+    out_scale = fmt.scale if fmt.scale is not None else dummy
+    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+        attn_fwd_kernel[(m_tiles, p.batch * p.num_heads_kv, num_splits)](
+            q, k, v, o_buf, l_buf, out_scale,
+            p.block_table if p.block_table is not None else dummy,
+            p.cu_seqlens_q if p.cu_seqlens_q is not None else dummy,
+            p.cu_seqlens_k if p.cu_seqlens_k is not None else dummy,
+            p.seqused_k if p.seqused_k is not None else dummy,
+            *p.q_strides, *p.k_strides, *p.v_strides,
+            *o_strides, *l_strides,
+            p.block_table.stride(0) if p.block_table is not None else 0,
+            p.max_seqlen_q, p.max_seqlen_k, p.num_heads_kv, num_splits,
+            scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+            max(left, 0), max(right, 0),
+            GROUP=group, DV=p.head_dim_v,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=block_dv,
+            VARLEN_Q=p.cu_seqlens_q is not None, VARLEN_K=p.cu_seqlens_k is not None,
+            HAS_SEQUSED=p.seqused_k is not None,
+            PAGED=p.block_table is not None, PAGE_SIZE=p.page_size,
+            WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
+            STORE_LSE=split or return_lse,
+            **_epilogue_constexprs(fwd_fmt),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if split:
+            rows = p.num_tokens * p.num_heads
+            block_r = 16
+            ob, os_, oh = _token_strides(out, p.varlen)
+            lb, lh, ls = _lse_strides(lse, p.varlen) if lse is not None else (0, 0, 0)
+            combine_kernel[(triton.cdiv(rows, block_r),)](
+                o_buf, l_buf, out, lse if lse is not None else dummy, out_scale,
+                rows, p.num_heads, p.num_tokens if p.varlen else p.max_seqlen_q, num_splits,
+                o_buf.stride(0), o_buf.stride(1), o_buf.stride(2),
+                l_buf.stride(0), l_buf.stride(1), l_buf.stride(2),
+                ob, os_, oh, lb, ls, lh,
+                DV=p.head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv, STORE_LSE=return_lse,
+                **_epilogue_constexprs(fmt),
+                num_warps=4,
+            )
+    return out, lse
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0):
+    return quant.resolve_output_format(q.dtype, q.device, out, out_dtype, output_scale, output_block_scale, ue8m0)
+
+
+# ----------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    num_splits=0, return_lse=False, out=None, out_dtype=None, output_scale=None,
+                    output_block_scale=None, ue8m0=False, *, _config: Optional[FwdConfig] = None):
+    """Attention of q (B, Sq, H, D) over k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv).
+
+    Returns (out, lse): out (B, Sq, H, Dv) in the format the arguments ask for
+    (SPEC.md, "Output formats"), lse (B, H, Sq) float32 or None.
+    """
+    _check_qkv(q, k, v, 4, 4)
+    _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
+    b, sq, h, d = q.shape
+    _, sk, hkv, dv = v.shape
+    if k.shape[0] != b:
+        raise ValueError(f"k/v batch {k.shape[0]} must equal q's batch {b}")
+    fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
+    p = _Problem(q, k, v, b, h, hkv, d, dv, sq, sk,
+                 q.stride()[:3], k.stride()[:3], v.stride()[:3],
+                 (b, sq, h, dv), (b, h, sq), varlen=False)
+    out = _prepare_out(p, fmt, out)
+    return _launch(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None,
+                           block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, num_splits=0, return_lse=False, out=None, out_dtype=None,
+                           output_scale=None, output_block_scale=None, ue8m0=False, *,
+                           _config: Optional[FwdConfig] = None):
+    """Attention over packed sequences: q (total_q, H, D); k, v (total_k, Hkv, *), or paged
+    caches (num_blocks, page_size, Hkv, *) with `block_table` (B, max_blocks) int32.
+
+    Sequence b has queries cu_seqlens_q[b]:cu_seqlens_q[b+1] and keys from
+    cu_seqlens_k (or its first seqused_k[b] keys). Returns (out (total_q, H, Dv), lse (H, total_q)).
+    """
+    paged = block_table is not None
+    _check_qkv(q, k, v, 3, 4 if paged else 3)
+    _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
+    _check_int("max_seqlen_q", max_seqlen_q)
+    _check_int("max_seqlen_k", max_seqlen_k)
+    total_q, h, d = q.shape
+    hkv, dv = v.shape[-2], v.shape[-1]
+    _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,))
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch < 1:
+        raise ValueError(f"cu_seqlens_q must hold batch + 1 >= 2 entries, got {cu_seqlens_q.shape[0]}")
+    if max_seqlen_q > total_q:
+        raise ValueError(f"max_seqlen_q={max_seqlen_q} exceeds the {total_q} query tokens in q")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, batch + 1, total_q, max_seqlen_q)
+    if paged:
+        num_blocks, page_size = k.shape[0], k.shape[1]
+        _check_block_table(block_table, q.device, batch, num_blocks, page_size)
+        capacity = block_table.shape[1] * page_size
+        if max_seqlen_k > capacity:
+            raise ValueError(f"max_seqlen_k={max_seqlen_k} exceeds the block table's capacity {capacity}")
+        k_strides, v_strides = k.stride()[:3], v.stride()[:3]
+    else:
+        page_size, capacity = 1, k.shape[0]
+        if max_seqlen_k > k.shape[0]:
+            raise ValueError(f"max_seqlen_k={max_seqlen_k} exceeds the {k.shape[0]} key tokens in k")
+        k_strides, v_strides = (0,) + k.stride()[:2], (0,) + v.stride()[:2]
+    if cu_seqlens_k is None:
+        if seqused_k is None:
+            raise ValueError("cu_seqlens_k may be None only when seqused_k gives the key lengths")
+        if not paged:
+            raise ValueError("cu_seqlens_k is required unless k/v are paged (block_table given)")
+    else:
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, batch + 1,
+                          capacity if not paged else batch * capacity, max_seqlen_k)
+    if seqused_k is not None:
+        _check_index_tensor("seqused_k", seqused_k, q.device, 1, batch)
+        _check_lengths_on_host("seqused_k", seqused_k, max_seqlen_k)
+    fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
+    p = _Problem(q, k, v, batch, h, hkv, d, dv, max_seqlen_q, max_seqlen_k,
+                 (0,) + q.stride()[:2], k_strides, v_strides,
+                 (total_q, h, dv), (h, total_q), varlen=True,
+                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=None if paged and seqused_k is not None else cu_seqlens_k,
+                 seqused_k=seqused_k, block_table=block_table, page_size=page_size)
+    out = _prepare_out(p, fmt, out)
+    return _launch(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None, softmax_scale=None,
+                            causal=True, window_size=(-1, -1), softcap=0.0, num_splits=0, return_lse=False,
+                            out=None, out_dtype=None, output_scale=None, output_block_scale=None, ue8m0=False,
+                            *, _config: Optional[FwdConfig] = None):
+    """Decode / chunked prefill against a KV cache: q (B, Sq, H, D); caches (B, Sk_max, Hkv, *)
+    or paged (num_blocks, page_size, Hkv, *) with block_table (B, max_blocks) int32.
+
+    Sequence b attends to its first cache_seqlens[b] keys (int32 (B,) tensor or an int),
+    bottom-right causal by default. Returns (out (B, Sq, H, Dv), lse (B, H, Sq)).
+    """
+    paged = block_table is not None
+    _check_qkv(q, k_cache, v_cache, 4, 4)
+    _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
+    b, sq, h, d = q.shape
+    hkv, dv = v_cache.shape[-2], v_cache.shape[-1]
+    if paged:
+        num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
+        _check_block_table(block_table, q.device, b, num_blocks, page_size)
+        capacity = block_table.shape[1] * page_size
+    else:
+        if k_cache.shape[0] != b:
+            raise ValueError(f"k_cache batch {k_cache.shape[0]} must equal q's batch {b} (or pass block_table)")
+        page_size, capacity = 1, k_cache.shape[1]
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= capacity:
+            raise ValueError(f"cache_seqlens={cache_seqlens} must lie in [0, {capacity}]")
+        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+    _check_index_tensor("cache_seqlens", cache_seqlens, q.device, 1, b)
+    _check_lengths_on_host("cache_seqlens", cache_seqlens, capacity)
+    fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
+    p = _Problem(q, k_cache, v_cache, b, h, hkv, d, dv, sq, capacity,
+                 q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3],
+                 (b, sq, h, dv), (b, h, sq), varlen=False,
+                 seqused_k=cache_seqlens, block_table=block_table, page_size=page_size)
+    out = _prepare_out(p, fmt, out)
+    return _launch(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)

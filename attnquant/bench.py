@@ -1,0 +1,189 @@
+"""Benchmark: attnquant next to its baselines, in one run on one GPU.
+
+    python -m attnquant.bench            # the PERF.md shapes: prefill + decode tables
+    python -m attnquant.bench --sweep    # tile-config / split sweeps used to pick kernels/config.py
+
+Prefill rows report µs and TFLOP/s (2*B*H*Sq*Sk*(D+Dv), halved for causal); decode rows
+report µs and the TB/s at which K and V are read. Times are medians of
+triton.testing.do_bench. Baselines: torch SDPA (cuDNN backend where it accepts the
+shape), and SDPA followed by a torch.compile'd static FP8 quantization of its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+import triton
+
+import attnquant as aq
+from attnquant.kernels.config import FwdConfig
+
+PREFILL = [  # name, B, Sq, Sk, H, Hkv, D, Dv, causal
+    ("prefill_mla_4k", 2, 4096, 4096, 16, 1, 192, 128, True),
+    ("prefill_mha_4k", 2, 4096, 4096, 32, 32, 128, 128, True),
+    ("prefill_gqa_8k", 2, 8192, 8192, 32, 4, 128, 128, True),
+    ("noncausal_mha_8k", 1, 8192, 8192, 32, 32, 128, 128, False),
+]
+DECODE = [  # name, B, Sk, H, Hkv, D
+    ("decode_gqa_8k", 16, 8192, 16, 1, 128),
+    ("decode_mha_8k", 16, 8192, 16, 16, 128),
+]
+FP8 = torch.float8_e4m3fn
+
+
+def bench(fn) -> float:
+    """Median µs."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def _quant_fn():
+    @torch.compile(dynamic=False)
+    def quant(o, scale):
+        return (o.float() * (1.0 / scale)).clamp(-448.0, 448.0).to(FP8)
+
+    return quant
+
+
+def _sdpa(q, k, v, causal):
+    """SDPA on (B, H, S, D) views; the first backend (cuDNN first) that accepts the case."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        def fn(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
+        try:
+            fn()
+            torch.cuda.synchronize()
+            return fn, backend.name.replace("_ATTENTION", "").lower()
+        except Exception:  # noqa: BLE001 - a backend that refuses the shape; try the next
+            continue
+    return None, "none"
+
+
+def prefill_table(rows_out):
+    quant = _quant_fn()
+    print(f"\n{'prefill shape':<18} {'ours bf16':>16} {'ours fused fp8':>16} {'fp8/bf16':>8} "
+          f"{'SDPA bf16':>22} {'SDPA+quant':>16} {'ours/SDPA':>9}")
+    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
+        torch.manual_seed(0)
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, sk, hkv, dv, device="cuda", dtype=torch.bfloat16)
+        scale = torch.tensor(0.02, device="cuda")
+        flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
+        tf = lambda us: flops / us * 1e-6  # noqa: E731
+        t_bf16 = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal))
+        t_fp8 = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale))
+        sdpa, backend = _sdpa(q, k, v, causal)
+        t_sdpa = bench(sdpa) if sdpa else float("nan")
+        t_sdpa_q = bench(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
+        print(f"{name:<18} {t_bf16:7.0f} ({tf(t_bf16):4.0f} TF) {t_fp8:7.0f} ({tf(t_fp8):4.0f} TF) "
+              f"{t_fp8 / t_bf16:8.3f} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:16.0f} "
+              f"{tf(t_fp8) / tf(t_sdpa):9.2f}")
+        rows_out.append((name, t_bf16, t_fp8, t_sdpa, t_sdpa_q))
+        del q, k, v
+
+
+def _paged(cache, page):
+    b, sk = cache.shape[:2]
+    nb = sk // page
+    perm = torch.randperm(b * nb, device=cache.device)
+    paged = torch.empty(b * nb, page, *cache.shape[2:], dtype=cache.dtype, device=cache.device)
+    paged[perm] = cache.reshape(b * nb, page, *cache.shape[2:])
+    return paged, perm.reshape(b, nb).to(torch.int32)
+
+
+def decode_table(rows_out, num_splits=0):
+    quant = _quant_fn()
+    print(f"\n{'decode shape':<16} {'ours bf16':>17} {'ours fused fp8':>17} {'fp8/bf16':>8} {'paged16 fp8':>17} "
+          f"{'paged64 fp8':>17} {'SDPA bf16':>16} {'SDPA+quant':>11}")
+    for name, b, sk, h, hkv, d in DECODE:
+        torch.manual_seed(0)
+        q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
+        scale = torch.tensor(0.02, device="cuda")
+        nbytes = 2 * b * sk * hkv * d * 2
+        tbs = lambda us: nbytes / us * 1e-6  # noqa: E731
+        kw = dict(num_splits=num_splits)
+        t_bf16 = bench(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, **kw))
+        t_fp8 = bench(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale, **kw))
+        t_paged = []
+        for page in (16, 64):
+            kp, bt = _paged(kc, page)
+            vp = torch.empty_like(kp)
+            vp[bt.flatten().long()] = vc.reshape(-1, page, hkv, d)
+            t_paged.append(bench(lambda: aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt,
+                                                                    output_scale=scale, **kw)))
+            del kp, vp
+        sdpa, backend = _sdpa(q, kc, vc, False)
+        t_sdpa = bench(sdpa) if sdpa else float("nan")
+        t_sdpa_q = bench(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
+        cell = lambda us: f"{us:6.1f} ({tbs(us):4.2f} TB/s)"  # noqa: E731
+        print(f"{name:<16} {cell(t_bf16):>17} {cell(t_fp8):>17} {t_fp8 / t_bf16:8.3f} {cell(t_paged[0]):>17} "
+              f"{cell(t_paged[1]):>17} {t_sdpa:6.1f} ({backend:>7}) {t_sdpa_q:11.1f}")
+        rows_out.append((name, t_bf16, t_fp8, t_paged[0], t_paged[1], t_sdpa, t_sdpa_q))
+
+
+SWEEP_PREFILL = [
+    FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 4, 3),
+    FwdConfig(128, 128, 8, 2), FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 8, 4),
+]
+
+
+def sweep():
+    print("\nprefill tile sweep (µs, bf16 out / fp8 out)")
+    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL[:3]:
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, sk, hkv, dv, device="cuda", dtype=torch.bfloat16)
+        scale = torch.tensor(0.02, device="cuda")
+        flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
+        for cfg in SWEEP_PREFILL:
+            try:
+                t0 = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, _config=cfg))
+                t1 = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, _config=cfg))
+                print(f"  {name:<16} {cfg}  {t0:7.0f} {t1:7.0f}  {flops / t1 * 1e-6:4.0f} TF fp8")
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for this tile
+                print(f"  {name:<16} {cfg}  failed: {type(e).__name__}: {str(e)[:80]}")
+    print("\ndecode split sweep (µs, fp8 out)")
+    for name, b, sk, h, hkv, d in DECODE:
+        q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
+        scale = torch.tensor(0.02, device="cuda")
+        for cfg in (FwdConfig(16, 64, 4, 3), FwdConfig(16, 128, 4, 3), FwdConfig(16, 64, 4, 4),
+                    FwdConfig(16, 128, 4, 2)):
+            res = []
+            for ns in (1, 2, 4, 8, 16, 32):
+                res.append(bench(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale,
+                                                                    num_splits=ns, _config=cfg)))
+            print(f"  {name:<14} {cfg} splits 1/2/4/8/16/32: " + " ".join(f"{t:6.1f}" for t in res))
+        print(f"  {name:<14} heuristic: {bench(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale)):6.1f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="tile-config and split sweeps instead of the tables")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("the benchmark needs a CUDA GPU")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    if args.sweep:
+        sweep()
+        return
+    rows = []
+    prefill_table(rows)
+    decode_table(rows)
+
+
+if __name__ == "__main__":
+    main()

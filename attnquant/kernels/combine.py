@@ -1,0 +1,60 @@
+"""Merge of partial attentions by their LSEs, then the output epilogue, once.
+
+Used after a split-KV forward: each split wrote a float32 output normalized by its
+own softmax denominator and that denominator's LSE. For one output row,
+    O = sum_s exp(lse_s - M) * O_s / sum_s exp(lse_s - M),   LSE = M + log(sum_s ...)
+with M = max_s lse_s. A split that saw no key has lse -inf and weight 0; a row no
+split saw writes 0 and LSE -inf. The quantization happens here, after the merge,
+through the same epilogue as the forward kernel.
+"""
+
+import triton
+import triton.language as tl
+
+from .epilogue import store_output
+
+
+@triton.jit(do_not_specialize=["num_rows", "tokens_per_batch", "num_splits"])
+def combine_kernel(
+    OPart, LsePart, Out, Lse, OutScale,
+    num_rows, num_heads, tokens_per_batch, num_splits,
+    stride_op_split, stride_op_tok, stride_op_head,
+    stride_lp_split, stride_lp_tok, stride_lp_head,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_ls, stride_lh,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
+    EMULATE_FP8_ROUNDING: tl.constexpr,
+):
+    # Rows are (token, head) pairs; tokens run over batch * seqlen (or total_q).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    tok = (rows // num_heads).to(tl.int64)
+    head = (rows % num_heads).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_mask = row_ok[:, None] & (offs_dv < DV)[None, :]
+    lp = LsePart + tok * stride_lp_tok + head * stride_lp_head
+    op = OPart + (tok * stride_op_tok + head * stride_op_head)[:, None] + offs_dv[None, :]
+
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(lp + s * stride_lp_split, mask=row_ok, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    denom = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in range(num_splits):
+        w = tl.exp(tl.load(lp + s * stride_lp_split, mask=row_ok, other=float("-inf")) - m_use)
+        acc += w[:, None] * tl.load(op + s * stride_op_split, mask=o_mask, other=0.0)
+        denom += w
+
+    seen = denom > 0.0
+    inv = tl.where(seen, 1.0 / tl.where(seen, denom, 1.0), 0.0)
+    b = tok // tokens_per_batch
+    t = tok % tokens_per_batch
+    o_rows = Out + b * stride_ob + t * stride_os + head * stride_oh
+    store_output(acc, inv, o_rows[:, None] + offs_dv[None, :], o_mask, OutScale,
+                 OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING)
+    if STORE_LSE:
+        lse = tl.where(seen, m_use + tl.log(tl.where(seen, denom, 1.0)), float("-inf"))
+        tl.store(Lse + b * stride_lb + t * stride_ls + head * stride_lh, lse, mask=row_ok)

@@ -1,0 +1,80 @@
+"""Tile configurations and the split-KV heuristic.
+
+The numbers come from sweeps on the H100 (scripts/gpu_check.sh runs them; the
+results and the reasoning are in docs/perf-notes.md). Under TRITON_INTERPRET the
+tiles are tiny so that small test shapes still cross several tiles and exercise
+every masked / unmasked stage.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2_le(x: int) -> int:
+    return 1 << (x.bit_length() - 1)
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def split_head_dim(d: int):
+    """D as BLOCK_DA + BLOCK_DB, both powers of two (BLOCK_DB may be 0), or None.
+
+    192 = 128 + 64 and 96 = 64 + 32 run as two dots instead of one padded to 256/128.
+    """
+    if d < 16 or d > 256:
+        return None
+    a = _pow2_le(d)
+    b = d - a
+    if b == 0:
+        return a, 0
+    if b >= 16 and b & (b - 1) == 0:
+        return a, b
+    return None
+
+
+def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool) -> FwdConfig:
+    """Tile shape for the forward kernel; `rows` = max_seqlen_q * (H / Hkv), the packed rows."""
+    if interpret:
+        return FwdConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    if rows <= 64:  # decode / short speculative steps: memory-bound, small M tile
+        block_m = max(16, next_pow2(rows))
+        return FwdConfig(block_m=block_m, block_n=64 if head_dim > 128 else 128, num_warps=4, num_stages=3)
+    if head_dim <= 64:
+        return FwdConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    if head_dim <= 128:
+        return FwdConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    if head_dim <= 192 and head_dim_v <= 128:
+        return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits_heuristic(num_tiles: int, max_seqlen_k: int, block_n: int, sms: int) -> int:
+    """Split the keys only when the (tile, batch, kv-head) programs leave SMs idle.
+
+    Aim for about two programs per SM, with at least 4 key blocks per split so the
+    partial write and the combine stay small next to the K/V reads.
+    """
+    if num_tiles >= sms:
+        return 1
+    key_blocks = max(1, -(-max_seqlen_k // block_n))
+    want = -(-2 * sms // num_tiles)
+    return max(1, min(want, key_blocks // 4, 128))

@@ -1,0 +1,249 @@
+"""Portable flash-attention forward (Triton tl.*): one kernel, constexpr variants.
+
+One program computes a tile of BLOCK_M query rows against one KV head. Rows are
+GQA-packed: row r of a (batch, kv-head) problem is query position r // GROUP of
+query head kv_head * GROUP + r % GROUP, so the GROUP heads sharing a KV head share
+every K/V load (decode with few query tokens still fills a tile).
+
+Variants, all constexpr: varlen q/k (cu_seqlens), seqused_k, paged K/V (block
+table), window left/right bounds (causal = right bound 0), softcap, split-KV
+(program_id(2) takes a contiguous share of the key blocks and writes float32
+partials + LSE for the combine kernel), and the output epilogue (OUT_KIND).
+
+Masking follows Triton's fused-attention tutorial: the key blocks of a tile split
+into at most three ranges - masked blocks before the fully visible ones (window
+left edge), fully visible blocks with no mask arithmetic at all, and masked blocks
+after them (the causal diagonal / right window edge / the ragged end of the keys).
+Scores live in the log2 domain: exp2 with softmax_scale * log2(e) folded in.
+"""
+
+import triton
+import triton.language as tl
+
+from .epilogue import store_output
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _attn_block_range(
+    acc, l_i, m_i, qa, qb,
+    K_base, V_base, BT_row,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    offs_da, offs_db, offs_dv, q_diag, seqlen_k,
+    blk_lo, blk_hi,
+    qk_scale, softcap_in, softcap_out, window_left, window_right,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [blk_lo, blk_hi).
+
+    q_diag[r] = query position of row r + seqlen_k - seqlen_q: the last key row r
+    may see under a causal mask (bottom-right alignment).
+    """
+    dv_ok = offs_dv < DV
+    for blk in range(blk_lo, blk_hi):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        if PAGED:
+            page = tl.load(BT_row + offs_n // PAGE_SIZE, mask=offs_n < seqlen_k, other=0).to(tl.int64)
+            in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_kb + in_page * stride_ks
+            v_rows = page * stride_vb + in_page * stride_vs
+        else:
+            k_rows = offs_n.to(tl.int64) * stride_ks
+            v_rows = offs_n.to(tl.int64) * stride_vs
+        k_ptrs = K_base + k_rows[None, :] + offs_da[:, None]
+        if MASKED:
+            n_ok = offs_n < seqlen_k
+            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(qa, k)
+        if BLOCK_DB > 0:  # head dims like 192 = 128 + 64: a second dot, no padding waste
+            k2_ptrs = K_base + k_rows[None, :] + offs_db[:, None]
+            if MASKED:
+                k2 = tl.load(k2_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k2 = tl.load(k2_ptrs)
+            s = tl.dot(qb, k2, s)
+
+        if HAS_SOFTCAP:
+            # softcap * tanh(s * scale / softcap), times log2(e); tanh through exp2 so the
+            # same code runs in the interpreter.
+            x = s * softcap_in
+            s = softcap_out * (1.0 - 2.0 / (1.0 + tl.math.exp2(x * (2.0 * LOG2E))))
+            scale = 1.0
+        else:
+            scale = qk_scale
+        if MASKED:
+            s = s * scale
+            ok = n_ok[None, :]
+            if WINDOW_RIGHT:
+                ok = ok & (offs_n[None, :] <= q_diag[:, None] + window_right)
+            if WINDOW_LEFT:
+                ok = ok & (offs_n[None, :] >= q_diag[:, None] - window_left)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no key yet keeps m = -inf; subtract 0 instead (p = 0).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+            m_use = m_new
+            p = tl.math.exp2(s * scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+
+        v_ptrs = V_base + v_rows[:, None] + offs_dv[None, :]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        elif BLOCK_DV != DV:
+            v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_splits", "window_left", "window_right"])
+def attn_fwd_kernel(
+    Q, K, V, Out, Lse, OutScale, BlockTable, CuSeqlensQ, CuSeqlensK, SeqUsedK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_o_split, stride_ob, stride_os, stride_oh,
+    stride_l_split, stride_lb, stride_lh, stride_ls,
+    stride_bt,
+    seqlen_q, seqlen_k, num_heads_kv, num_splits,
+    qk_scale, softcap_in, softcap_out, window_left, window_right,
+    GROUP: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
+    EMULATE_FP8_ROUNDING: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // num_heads_kv
+    h_kv = pid_bh % num_heads_kv
+
+    # ---- sequence extents of batch b -------------------------------------------------
+    if VARLEN_Q:
+        q_start = tl.load(CuSeqlensQ + b)
+        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
+    else:
+        q_start = 0
+    if pid_m * BLOCK_M >= seqlen_q * GROUP:
+        return
+    if VARLEN_K:
+        k_start = tl.load(CuSeqlensK + b)
+        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
+    if HAS_SEQUSED:
+        # Lengths beyond the cache cannot be rejected without a host sync; clamp them.
+        seqlen_k = tl.minimum(tl.load(SeqUsedK + b), seqlen_k)
+
+    # ---- rows of this tile: (query position, query head), GQA-packed ---------------
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = offs_m // GROUP
+    head = h_kv * GROUP + offs_m % GROUP
+    row_ok = pos < seqlen_q
+    offs_da = tl.arange(0, BLOCK_DA)
+    if BLOCK_DB > 0:
+        offs_db = BLOCK_DA + tl.arange(0, BLOCK_DB)
+    else:
+        offs_db = offs_da  # unused
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_rows = Q + b.to(tl.int64) * stride_qb + (q_start + pos).to(tl.int64) * stride_qs \
+        + head.to(tl.int64) * stride_qh
+    qa = tl.load(q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
+    if BLOCK_DB > 0:
+        qb = tl.load(q_rows[:, None] + offs_db[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        qb = qa
+
+    K_base = K + h_kv.to(tl.int64) * stride_kh
+    V_base = V + h_kv.to(tl.int64) * stride_vh
+    if not PAGED:
+        K_base += b.to(tl.int64) * stride_kb
+        V_base += b.to(tl.int64) * stride_vb
+        if VARLEN_K:
+            K_base += k_start.to(tl.int64) * stride_ks
+            V_base += k_start.to(tl.int64) * stride_vs
+    BT_row = BlockTable + b.to(tl.int64) * stride_bt
+
+    # ---- key-block ranges: masked | fully visible | masked -----------------------
+    diag = seqlen_k - seqlen_q
+    q_diag = pos + diag
+    p_lo = pid_m * BLOCK_M // GROUP
+    p_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seqlen_q - 1)
+    lo = tl.full([], 0, tl.int32)
+    full_lo = tl.full([], 0, tl.int32)
+    hi = seqlen_k + lo
+    full_hi = seqlen_k + lo
+    if WINDOW_RIGHT:
+        hi = tl.maximum(tl.minimum(seqlen_k, p_hi + diag + window_right + 1), 0)
+        full_hi = tl.maximum(tl.minimum(seqlen_k, p_lo + diag + window_right + 1), 0)
+    if WINDOW_LEFT:
+        lo = tl.minimum(tl.maximum(0, p_lo + diag - window_left), seqlen_k)
+        full_lo = tl.minimum(tl.maximum(0, p_hi + diag - window_left), seqlen_k)
+    lo_blk = lo // BLOCK_N
+    hi_blk = tl.maximum(tl.cdiv(hi, BLOCK_N), lo_blk)
+    full_lo_blk = tl.cdiv(full_lo, BLOCK_N)
+    full_hi_blk = full_hi // BLOCK_N
+    if full_hi_blk <= full_lo_blk:  # no fully visible block: everything goes to stage 1
+        full_lo_blk = hi_blk
+        full_hi_blk = hi_blk
+
+    # split-KV: this program's contiguous share of [lo_blk, hi_blk)
+    per_split = tl.cdiv(hi_blk - lo_blk, num_splits)
+    s_lo = lo_blk + split * per_split
+    s_hi = tl.minimum(s_lo + per_split, hi_blk)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    acc, l_i, m_i = _attn_block_range(
+        acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
+        offs_da, offs_db, offs_dv, q_diag, seqlen_k,
+        tl.maximum(lo_blk, s_lo), tl.minimum(full_lo_blk, s_hi),
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        True, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
+    acc, l_i, m_i = _attn_block_range(
+        acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
+        offs_da, offs_db, offs_dv, q_diag, seqlen_k,
+        tl.maximum(full_lo_blk, s_lo), tl.minimum(full_hi_blk, s_hi),
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        False, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
+    acc, l_i, m_i = _attn_block_range(
+        acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
+        offs_da, offs_db, offs_dv, q_diag, seqlen_k,
+        tl.maximum(full_hi_blk, s_lo), tl.minimum(hi_blk, s_hi),
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        True, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
+
+    # ---- epilogue: a row that saw no key writes 0 and LSE -inf --------------------
+    seen = l_i > 0.0
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    tok = (q_start + pos).to(tl.int64)
+    o_rows = Out + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob \
+        + tok * stride_os + head.to(tl.int64) * stride_oh
+    o_mask = row_ok[:, None] & (offs_dv < DV)[None, :]
+    store_output(acc, inv_l, o_rows[:, None] + offs_dv[None, :], o_mask, OutScale,
+                 OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING)
+    if STORE_LSE:
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+        l_ptrs = Lse + split.to(tl.int64) * stride_l_split + b.to(tl.int64) * stride_lb \
+            + head.to(tl.int64) * stride_lh + tok * stride_ls
+        tl.store(l_ptrs, lse, mask=row_ok)

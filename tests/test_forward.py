@@ -1,0 +1,135 @@
+"""flash_attn_func against the float64 reference, every output format."""
+
+import itertools
+
+import pytest
+import torch
+
+import attnquant as aq
+from attnquant import quant
+from attnquant.reference import attention_ref_batched
+
+from .helpers import DEVICE, DTYPES, FP8, HEAD_DIMS, ON_GPU, check_lse, check_output, format_kwargs, make_format, randn
+
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+OUT_KINDS = ["plain"] + FP8
+# (B, Sq, Sk): ragged sizes that cross several tiles, Sq != Sk to exercise bottom-right causal.
+SIZES = (2, 197, 260) if ON_GPU else (2, 19, 37)
+
+
+def run_case(dtype, causal, dims, heads, kind, sizes=SIZES, window=(-1, -1), softcap=0.0, scale=None, **kw):
+    b, sq, sk = sizes
+    (d, dv), (h, hkv) = dims, heads
+    q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, dv, dtype=dtype)
+    ref_kw = dict(causal=causal, window_size=window, softcap=softcap, softmax_scale=scale)
+    ref_o, ref_lse = attention_ref_batched(q, k, v, **ref_kw)
+    eager_o, _ = attention_ref_batched(q, k, v, eager_dtype=dtype, **ref_kw)
+    fmt = make_format(kind, dtype, ref_o)
+    out, lse = aq.flash_attn_func(q, k, v, return_lse=True, **ref_kw, **format_kwargs(fmt), **kw)
+    what = f"{dtype} causal={causal} dims={dims} heads={heads} out={fmt.dtype} window={window} softcap={softcap}"
+    check_output(out, fmt, ref_o, eager_o, softcap=softcap, what=what)
+    check_lse(lse, ref_lse, what)
+    return q, k, v, out, fmt
+
+
+@pytest.mark.parametrize("kind", OUT_KINDS, ids=str)
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matrix(dtype, causal, dims, heads, kind):
+    run_case(dtype, causal, dims, heads, kind)
+
+
+@pytest.mark.parametrize("sizes", [(1, 64, 64), (2, 1, 50), (1, 50, 1), (3, 40, 17), (1, 16, 300)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sizes(sizes, causal):
+    """Sk < Sq with causal leaves the first rows seeing no key: 0 and LSE -inf."""
+    run_case(DTYPES[0], causal, (64, 64), (4, 2), torch.float8_e4m3fn, sizes=sizes)
+
+
+@pytest.mark.parametrize("window,causal", [((8, 0), False), ((8, -1), False), ((-1, 5), False), ((6, 3), False),
+                                           ((0, 0), False), ((10, 2), True), ((20, -1), True)], ids=str)
+@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn], ids=str)
+def test_window(window, causal, kind):
+    run_case(DTYPES[-1], causal, (64, 64), (4, 1), kind, window=window)
+
+
+@pytest.mark.parametrize("kind", OUT_KINDS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap(kind, causal):
+    run_case(DTYPES[0], causal, (128, 128), (4, 2), kind, softcap=5.0)
+
+
+def test_softmax_scale():
+    run_case(DTYPES[0], True, (128, 128), (4, 4), torch.float8_e4m3fn, scale=0.3)
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=str)
+@pytest.mark.parametrize("saturating", [True, False], ids=["saturating", "tiny"])
+def test_scale_extremes(fp8, saturating):
+    """A scale that saturates many values (clamped, never NaN/inf) and one that leaves most near 0."""
+    b, sq, sk = SIZES
+    dtype = DTYPES[0]
+    q, k, v = randn(b, sq, 4, 64, dtype=dtype), randn(b, sk, 2, 64, dtype=dtype), randn(b, sk, 2, 64, dtype=dtype)
+    ref_o, _ = attention_ref_batched(q, k, v)
+    eager_o, _ = attention_ref_batched(q, k, v, eager_dtype=dtype)
+    # saturating: max|O| / scale = 8 x the format's max; tiny: = 4 x its smallest subnormal
+    smallest = 2.0 ** (-9 if fp8 == torch.float8_e4m3fn else -16)
+    scale = (ref_o.abs().max() / (8 * quant.fp8_max(fp8) if saturating else 4 * smallest)).float().reshape(1)
+    fmt = quant.OutputFormat(quant.FP8_STATIC, fp8, scale=scale)
+    out, _ = aq.flash_attn_func(q, k, v, out_dtype=fp8, output_scale=scale)
+    check_output(out, fmt, ref_o, eager_o, what=f"saturating={saturating}")
+    f = out.float()
+    if saturating:
+        assert (f.abs() == quant.fp8_max(fp8)).float().mean() > 0.05  # many saturate
+    else:
+        assert (f == 0).float().mean() > 0.3  # most flush to zero
+
+
+def test_scale_0d_and_1_elem_identical():
+    dtype = DTYPES[0]
+    q, k, v = randn(2, 33, 4, 64, dtype=dtype), randn(2, 33, 2, 64, dtype=dtype), randn(2, 33, 2, 64, dtype=dtype)
+    s0 = torch.tensor(0.01, device=DEVICE)
+    a, _ = aq.flash_attn_func(q, k, v, causal=True, output_scale=s0)
+    b, _ = aq.flash_attn_func(q, k, v, causal=True, output_scale=s0.reshape(1))
+    assert a.dtype == torch.float8_e4m3fn
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_preallocated_strided_out(kind):
+    """out= is written in place through its strides (a slice of a wider buffer); the rest stays."""
+    dtype = DTYPES[0]
+    b, sq, sk, h, d = 2, 21, 30, 4, 64
+    q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sk, 2, d, dtype=dtype), randn(b, sk, 2, d, dtype=dtype)
+    ref_o, _ = attention_ref_batched(q, k, v, causal=True)
+    eager_o, _ = attention_ref_batched(q, k, v, causal=True, eager_dtype=dtype)
+    fmt = make_format(kind, dtype, ref_o)
+    wide = torch.full((b, sq, h + 2, d), 7.0, device=DEVICE).to(fmt.dtype)
+    out = wide[:, :, 1:h + 1]
+    res, lse = aq.flash_attn_func(q, k, v, causal=True, out=out, output_scale=fmt.scale)
+    assert res.data_ptr() == out.data_ptr() and lse is None
+    check_output(out, fmt, ref_o, eager_o)
+    assert (wide[:, :, 0].float() == 7).all() and (wide[:, :, -1].float() == 7).all()
+
+
+def test_strided_inputs():
+    """q/k/v as views with padded head and token strides (only the last dim is contiguous)."""
+    dtype = DTYPES[0]
+    qkv = randn(2, 40, 3 * 4, 64 + 16, dtype=dtype)[..., :64]
+    q, k, v = qkv[:, :, 0:4], qkv[:, :, 4:8:2], qkv[:, :, 8:12:2]
+    ref_o, ref_lse = attention_ref_batched(q, k, v, causal=True)
+    eager_o, _ = attention_ref_batched(q, k, v, causal=True, eager_dtype=dtype)
+    out, lse = aq.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    check_output(out, make_format("plain", dtype, ref_o), ref_o, eager_o)
+    check_lse(lse, ref_lse)
+
+
+def test_fp32_out():
+    dtype = DTYPES[0]
+    q, k, v = randn(1, 30, 2, 64, dtype=dtype), randn(1, 30, 2, 64, dtype=dtype), randn(1, 30, 2, 64, dtype=dtype)
+    ref_o, _ = attention_ref_batched(q, k, v)
+    eager_o, _ = attention_ref_batched(q, k, v, eager_dtype=dtype)
+    out, _ = aq.flash_attn_func(q, k, v, out_dtype=torch.float32)
+    check_output(out, quant.OutputFormat(quant.PLAIN, torch.float32), ref_o, eager_o.float())
