@@ -159,3 +159,31 @@ def test_long_context(paged):
         out, lse = aq.flash_attn_with_kvcache(q, kc, vc, lens, **kw)
     check_output(out, fmt, ref_o, eager_o)
     check_lse(lse, ref_lse)
+
+
+if ON_GPU:  # CUDA graphs and sync detection exist only on the GPU
+
+    @pytest.mark.parametrize("num_splits", [1, 0])
+    def test_cuda_graph_capture_no_sync(num_splits):
+        """The decode call with FP8 output records into a CUDA graph (no host sync) and its
+        replay matches an eager call on new inputs."""
+        dtype = torch.bfloat16
+        q, kc, vc, lens = decode_inputs(dtype, 1, (8, 1))
+        scale = torch.tensor(0.01, device=DEVICE)
+        run = lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale, num_splits=num_splits,  # noqa
+                                                 return_lse=True)
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out, lse = run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        q.copy_(randn(*q.shape, dtype=dtype))
+        scale.fill_(0.02)
+        g.replay()
+        ref_out, ref_lse = run()
+        assert torch.equal(out.view(torch.uint8), ref_out.view(torch.uint8))
+        assert torch.equal(lse, ref_lse)

@@ -53,11 +53,7 @@ def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool) -
     if rows <= 64:  # decode / short speculative steps: memory-bound, small M tile
         block_m = max(16, next_pow2(rows))
         return FwdConfig(block_m=block_m, block_n=64 if head_dim > 128 else 128, num_warps=4, num_stages=3)
-    if head_dim <= 64:
-        return FwdConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
-    if head_dim <= 128:
-        return FwdConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
-    if head_dim <= 192 and head_dim_v <= 128:
+    if head_dim <= 192 and head_dim_v <= 128:  # sweep v1: 128x64 beat 128x128 at d=128 and d=192
         return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
 

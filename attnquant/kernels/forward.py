@@ -31,7 +31,7 @@ def _attn_block_range(
     acc, l_i, m_i, qa, qb,
     K_base, V_base, BT_row,
     stride_kb, stride_ks, stride_vb, stride_vs,
-    offs_da, offs_db, offs_dv, q_diag, seqlen_k,
+    offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
     blk_lo, blk_hi,
     qk_scale, softcap_in, softcap_out, window_left, window_right,
     MASKED: tl.constexpr,
@@ -47,15 +47,19 @@ def _attn_block_range(
     dv_ok = offs_dv < DV
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PAGED:
+        if PAGED:  # gather each key's page from the block table
             page = tl.load(BT_row + offs_n // PAGE_SIZE, mask=offs_n < seqlen_k, other=0).to(tl.int64)
             in_page = (offs_n % PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + in_page * stride_ks
             v_rows = page * stride_vb + in_page * stride_vs
-        else:
-            k_rows = offs_n.to(tl.int64) * stride_ks
-            v_rows = offs_n.to(tl.int64) * stride_vs
-        k_ptrs = K_base + k_rows[None, :] + offs_da[:, None]
+            k_ptrs = K_base + k_rows[None, :] + offs_da[:, None]
+            k2_ptrs = K_base + k_rows[None, :] + offs_db[:, None]
+            v_ptrs = V_base + v_rows[:, None] + offs_dv[None, :]
+        else:  # contiguous keys: only a scalar base moves, the in-block offsets are precomputed
+            start = tl.cast(blk, tl.int64) * BLOCK_N
+            k_ptrs = K_base + start * stride_ks + k_off
+            k2_ptrs = K_base + start * stride_ks + k2_off
+            v_ptrs = V_base + start * stride_vs + v_off
         if MASKED:
             n_ok = offs_n < seqlen_k
             k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
@@ -63,7 +67,6 @@ def _attn_block_range(
             k = tl.load(k_ptrs)
         s = tl.dot(qa, k)
         if BLOCK_DB > 0:  # head dims like 192 = 128 + 64: a second dot, no padding waste
-            k2_ptrs = K_base + k_rows[None, :] + offs_db[:, None]
             if MASKED:
                 k2 = tl.load(k2_ptrs, mask=n_ok[None, :], other=0.0)
             else:
@@ -98,7 +101,6 @@ def _attn_block_range(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
 
-        v_ptrs = V_base + v_rows[:, None] + offs_dv[None, :]
         if MASKED:
             v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         elif BLOCK_DV != DV:
@@ -131,8 +133,11 @@ def attn_fwd_kernel(
     OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
     EMULATE_FP8_ROUNDING: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Grid (batch * kv-heads, m-tiles, splits): the hardware starts blocks x-fastest, so all
+    # heads' last m-tiles (under a causal mask the longest) start first and short tiles
+    # fill the tail.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     split = tl.program_id(2)
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
@@ -181,6 +186,10 @@ def attn_fwd_kernel(
             K_base += k_start.to(tl.int64) * stride_ks
             V_base += k_start.to(tl.int64) * stride_vs
     BT_row = BlockTable + b.to(tl.int64) * stride_bt
+    offs_n0 = tl.arange(0, BLOCK_N)
+    k_off = offs_n0[None, :] * stride_ks + offs_da[:, None]
+    k2_off = offs_n0[None, :] * stride_ks + offs_db[:, None]
+    v_off = offs_n0[:, None] * stride_vs + offs_dv[None, :]
 
     # ---- key-block ranges: masked | fully visible | masked -----------------------
     diag = seqlen_k - seqlen_q
@@ -216,19 +225,19 @@ def attn_fwd_kernel(
 
     acc, l_i, m_i = _attn_block_range(
         acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
-        offs_da, offs_db, offs_dv, q_diag, seqlen_k,
+        offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
         tl.maximum(lo_blk, s_lo), tl.minimum(full_lo_blk, s_hi),
         qk_scale, softcap_in, softcap_out, window_left, window_right,
         True, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
     acc, l_i, m_i = _attn_block_range(
         acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
-        offs_da, offs_db, offs_dv, q_diag, seqlen_k,
+        offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
         tl.maximum(full_lo_blk, s_lo), tl.minimum(full_hi_blk, s_hi),
         qk_scale, softcap_in, softcap_out, window_left, window_right,
         False, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
     acc, l_i, m_i = _attn_block_range(
         acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
-        offs_da, offs_db, offs_dv, q_diag, seqlen_k,
+        offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
         tl.maximum(full_hi_blk, s_lo), tl.minimum(hi_blk, s_hi),
         qk_scale, softcap_in, softcap_out, window_left, window_right,
         True, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
