@@ -263,7 +263,7 @@ def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sca
     dummy = q  # stands in for pointer arguments a variant does not read
     out_scale = fmt.scale if fmt.scale is not None else dummy
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
-        attn_fwd_kernel[(p.batch * p.num_heads_kv, m_tiles, num_splits)](
+        attn_fwd_kernel[(m_tiles, p.batch * p.num_heads_kv, num_splits)](
             q, k, v, o_buf, l_buf, out_scale,
             p.block_table if p.block_table is not None else dummy,
             p.cu_seqlens_q if p.cu_seqlens_q is not None else dummy,

@@ -85,8 +85,11 @@ def prefill_table(rows_out):
         scale = torch.tensor(0.02, device="cuda")
         flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
         tf = lambda us: flops / us * 1e-6  # noqa: E731
-        t_bf16 = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal))
-        t_fp8 = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale))
+        # bf16 and fp8 alternate over three rounds (median of each) so clock drift hits both
+        rounds = [(bench(lambda: aq.flash_attn_func(q, k, v, causal=causal)),
+                   bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale)))
+                  for _ in range(3)]
+        t_bf16, t_fp8 = (sorted(r[i] for r in rounds)[1] for i in (0, 1))
         sdpa, backend = _sdpa(q, k, v, causal)
         t_sdpa = bench(sdpa) if sdpa else float("nan")
         t_sdpa_q = bench(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
@@ -141,9 +144,7 @@ def decode_table(rows_out, num_splits=0):
         rows_out.append((name, t_bf16, t_fp8, t_paged[0], t_paged[1], t_sdpa, t_sdpa_q))
 
 
-SWEEP_PREFILL = [
-    FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 2), FwdConfig(128, 32, 8, 3),
-]
+SWEEP_PREFILL = [FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(64, 64, 4, 3)]
 
 
 def sweep():

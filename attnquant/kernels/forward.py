@@ -133,11 +133,11 @@ def attn_fwd_kernel(
     OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
     EMULATE_FP8_ROUNDING: tl.constexpr,
 ):
-    # Grid (batch * kv-heads, m-tiles, splits): the hardware starts blocks x-fastest, so all
-    # heads' last m-tiles (under a causal mask the longest) start first and short tiles
-    # fill the tail.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    # Grid (m-tiles, batch * kv-heads, splits), started x-fastest: the tiles of one KV head
+    # run together (its K/V stays in L2), each head's last m-tiles (under a causal mask
+    # the longest) first, so the grid ends on short tiles.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
     split = tl.program_id(2)
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
