@@ -178,6 +178,19 @@ def sweep():
             print(f"  {name:<14} {cfg} splits 1/2/4/8/16/32: " + " ".join(f"{t:6.1f}" for t in res))
         t = bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale))
         print(f"  {name:<14} heuristic: {t:6.1f}")
+        if hkv != 1:
+            continue
+        for page in (16, 64):
+            kp, bt = _paged(kc, page)
+            vp = torch.empty_like(kp)
+            vp[bt.flatten().long()] = vc.reshape(-1, page, hkv, d)
+            for cfg in (FwdConfig(16, 128, 4, 3), FwdConfig(16, 64, 4, 3), FwdConfig(16, 64, 4, 5),
+                        FwdConfig(16, 32, 4, 6)):
+                res = [bench_graph(lambda: aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt,
+                                                                      output_scale=scale, num_splits=ns,
+                                                                      _config=cfg))
+                       for ns in (4, 8, 16)]
+                print(f"  {name:<14} paged{page:<3} {cfg} splits 4/8/16: " + " ".join(f"{t:6.1f}" for t in res))
 
 
 def main(argv=None):

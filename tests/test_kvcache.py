@@ -12,7 +12,7 @@ from .helpers import DEVICE, DTYPES, FP8, ON_GPU, check_lse, check_output, forma
 B = 4
 SK_MAX = 1000 if ON_GPU else 70
 LENS = [SK_MAX, 0, 137 if ON_GPU else 13, SK_MAX - 31]  # includes an empty sequence
-PAGES = [16, 64] if ON_GPU else [16, 32]
+PAGES = [16, 64, 256] if ON_GPU else [8, 32]  # pages smaller and larger than a key block
 
 
 def to_paged(cache, page, gen):

@@ -47,7 +47,13 @@ def _attn_block_range(
     dv_ok = offs_dv < DV
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PAGED:  # gather each key's page from the block table
+        if PAGED and PAGE_SIZE >= BLOCK_N:  # the block lies in one page: one table lookup
+            start = tl.cast(blk, tl.int64) * BLOCK_N
+            page = tl.load(BT_row + start // PAGE_SIZE).to(tl.int64)
+            k_ptrs = K_base + page * stride_kb + (start % PAGE_SIZE) * stride_ks + k_off
+            k2_ptrs = K_base + page * stride_kb + (start % PAGE_SIZE) * stride_ks + k2_off
+            v_ptrs = V_base + page * stride_vb + (start % PAGE_SIZE) * stride_vs + v_off
+        elif PAGED:  # pages smaller than the block: gather each key's page
             page = tl.load(BT_row + offs_n // PAGE_SIZE, mask=offs_n < seqlen_k, other=0).to(tl.int64)
             in_page = (offs_n % PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + in_page * stride_ks
