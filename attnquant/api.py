@@ -232,14 +232,18 @@ def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sca
     if causal:
         right = 0
     interpret = _interpreting()
-    cfg = config or forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * group, interpret)
+    paged = p.block_table is not None
+    cfg = config or forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * group, interpret,
+                                   p.page_size if paged else 0)
     block_da, block_db = split_head_dim(p.head_dim)
     block_dv = max(16, next_pow2(p.head_dim_v))
     m_tiles = triton.cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
     key_blocks = triton.cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
     if num_splits == 0:
         sms = 16 if interpret else num_sms(device.index if device.index is not None else torch.cuda.current_device())
-        num_splits = num_splits_heuristic(m_tiles * p.batch * p.num_heads_kv, p.max_seqlen_k, cfg.block_n, sms)
+        gather = paged and p.page_size < cfg.block_n
+        num_splits = num_splits_heuristic(m_tiles * p.batch * p.num_heads_kv, p.max_seqlen_k, cfg.block_n, sms,
+                                          min_blocks_per_split=8 if gather else 16)
     num_splits = max(1, min(num_splits, key_blocks))
 
     lse = torch.empty(p.lse_shape, dtype=torch.float32, device=device) if return_lse else None
@@ -280,7 +284,7 @@ def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sca
             BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=block_dv,
             VARLEN_Q=p.cu_seqlens_q is not None, VARLEN_K=p.cu_seqlens_k is not None,
             HAS_SEQUSED=p.seqused_k is not None,
-            PAGED=p.block_table is not None, PAGE_SIZE=p.page_size,
+            PAGED=paged, PAGE_SIZE=p.page_size, BLOCK_PTR=cfg.block_ptr,
             WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             STORE_LSE=split or return_lse,
             **_epilogue_constexprs(fwd_fmt),

@@ -144,7 +144,8 @@ def decode_table(rows_out, num_splits=0):
         rows_out.append((name, t_bf16, t_fp8, t_paged[0], t_paged[1], t_sdpa, t_sdpa_q))
 
 
-SWEEP_PREFILL = [FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(64, 64, 4, 3)]
+SWEEP_PREFILL = [FwdConfig(128, 64, 8, 3, False), FwdConfig(128, 64, 8, 3, True), FwdConfig(128, 128, 8, 3, True),
+                 FwdConfig(128, 64, 8, 4, True)]
 
 
 def sweep():
@@ -169,28 +170,26 @@ def sweep():
         vc = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
         lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
         scale = torch.tensor(0.02, device="cuda")
-        for cfg in (FwdConfig(16, 64, 4, 3), FwdConfig(16, 128, 4, 3), FwdConfig(16, 64, 4, 4),
-                    FwdConfig(16, 128, 2, 3)):
-            res = []
-            for ns in (1, 2, 4, 8, 16, 32):
-                res.append(bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale,
-                                                                          num_splits=ns, _config=cfg)))
-            print(f"  {name:<14} {cfg} splits 1/2/4/8/16/32: " + " ".join(f"{t:6.1f}" for t in res))
+        for cfg in (FwdConfig(16, 128, 4, 3, False), FwdConfig(16, 128, 4, 3, True), FwdConfig(16, 64, 4, 4, True)):
+            res = [bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale,
+                                                                  num_splits=ns, _config=cfg))
+                   for ns in (1, 2, 4, 8, 16)]
+            print(f"  {name:<14} {cfg} splits 1/2/4/8/16: " + " ".join(f"{t:6.1f}" for t in res))
         t = bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale))
         print(f"  {name:<14} heuristic: {t:6.1f}")
-        if hkv != 1:
-            continue
-        for page in (16, 64):
+        for page, cfgs in ((16, (FwdConfig(16, 128, 4, 3), FwdConfig(16, 64, 4, 4))),
+                           (64, (FwdConfig(16, 64, 4, 5, True), FwdConfig(16, 64, 4, 4, True)))):
             kp, bt = _paged(kc, page)
             vp = torch.empty_like(kp)
             vp[bt.flatten().long()] = vc.reshape(-1, page, hkv, d)
-            for cfg in (FwdConfig(16, 128, 4, 3), FwdConfig(16, 64, 4, 3), FwdConfig(16, 64, 4, 5),
-                        FwdConfig(16, 32, 4, 6)):
+            for cfg in cfgs:
                 res = [bench_graph(lambda: aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt,
                                                                       output_scale=scale, num_splits=ns,
                                                                       _config=cfg))
                        for ns in (4, 8, 16)]
                 print(f"  {name:<14} paged{page:<3} {cfg} splits 4/8/16: " + " ".join(f"{t:6.1f}" for t in res))
+            t = bench_graph(lambda: aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt, output_scale=scale))
+            print(f"  {name:<14} paged{page:<3} heuristic: {t:6.1f}")
 
 
 def main(argv=None):

@@ -133,3 +133,13 @@ def test_fp32_out():
     eager_o, _ = attention_ref_batched(q, k, v, eager_dtype=dtype)
     out, _ = aq.flash_attn_func(q, k, v, out_dtype=torch.float32)
     check_output(out, quant.OutputFormat(quant.PLAIN, torch.float32), ref_o, eager_o.float())
+
+
+@pytest.mark.parametrize("block_ptr", [False, True])
+@pytest.mark.parametrize("dims", [(64, 64), (192, 128), (96, 96)], ids=str)
+def test_kv_load_paths(dims, block_ptr):
+    """Both K/V address modes (block pointers, pointer tensors) on the same cases."""
+    from attnquant.kernels.config import FwdConfig
+
+    cfg = FwdConfig(16, 16, 4, 1, block_ptr) if not ON_GPU else FwdConfig(128, 64, 8, 3, block_ptr)
+    run_case(DTYPES[0], True, dims, (4, 2), torch.float8_e4m3fn, _config=cfg)

@@ -20,6 +20,7 @@ class FwdConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    block_ptr: bool = False  # K/V through block pointers instead of pointer tensors
 
 
 def _pow2_le(x: int) -> int:
@@ -46,13 +47,18 @@ def split_head_dim(d: int):
     return None
 
 
-def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool) -> FwdConfig:
-    """Tile shape for the forward kernel; `rows` = max_seqlen_q * (H / Hkv), the packed rows."""
-    if interpret:
-        return FwdConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool, page_size: int = 0) -> FwdConfig:
+    """Tile shape for the forward kernel; `rows` = max_seqlen_q * (H / Hkv), the packed rows;
+    `page_size` is the paged cache's page (0 when K/V are contiguous)."""
+    if interpret:  # the decode rule for block pointers, so the CPU tests cover both load paths
+        return FwdConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, block_ptr=rows <= 64)
     if rows <= 64:  # decode / short speculative steps: memory-bound, small M tile
         block_m = max(16, next_pow2(rows))
-        return FwdConfig(block_m=block_m, block_n=64 if head_dim > 128 else 128, num_warps=4, num_stages=3)
+        if head_dim > 128:
+            return FwdConfig(block_m, 64, 4, 3, block_ptr=True)
+        if page_size >= 64:  # one page per 64-key block (one table lookup); deeper pipeline
+            return FwdConfig(block_m, 64, 4, 5, block_ptr=True)
+        return FwdConfig(block_m, 128, 4, 3, block_ptr=True)
     if head_dim <= 192 and head_dim_v <= 128:  # sweep v1: 128x64 beat 128x128 at d=128 and d=192
         return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
@@ -63,16 +69,19 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_splits_heuristic(num_tiles: int, max_seqlen_k: int, block_n: int, sms: int) -> int:
+def num_splits_heuristic(num_tiles: int, max_seqlen_k: int, block_n: int, sms: int,
+                         min_blocks_per_split: int = 16) -> int:
     """Split the keys only when the (tile, batch, kv-head) programs leave SMs idle.
 
     Aim for about two programs per SM, but give each split at least 16 key blocks: on
     the H100, decode_gqa_8k (16 programs before splitting) ran fastest with 4 splits
     of 16 blocks (32 us), slower with 16 splits of 4 (42 us): short splits pay their
     pipeline fill, epilogue and combine traffic without enough loads to hide them.
+    Pages smaller than a key block (a per-key table gather) hide their extra latency
+    better with more, shorter splits: callers pass min_blocks_per_split=8 there.
     """
     if num_tiles >= sms:
         return 1
     key_blocks = max(1, -(-max_seqlen_k // block_n))
     want = -(-2 * sms // num_tiles)
-    return max(1, min(want, key_blocks // 16, 128))
+    return max(1, min(want, key_blocks // min_blocks_per_split, 128))

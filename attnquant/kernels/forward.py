@@ -27,6 +27,84 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _block_start(Base, BT_row, blk, seqlen_k, stride_b, stride_s,
+                 BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(base, rows, row) locating key block `blk`: it starts `row` rows into the `rows`
+    readable rows at `base`. Contiguous: the sequence. Paged (PAGE_SIZE >= BLOCK_N): the
+    block's page, one table lookup; rows past seqlen_k in a page are cache memory,
+    readable (their scores are masked)."""
+    start = blk * BLOCK_N
+    if PAGED:
+        page = tl.load(BT_row + start // PAGE_SIZE).to(tl.int64)
+        return Base + page * stride_b, PAGE_SIZE, start % PAGE_SIZE
+    else:
+        return Base, seqlen_k, start
+
+
+@triton.jit
+def _gather_rows(BT_row, offs_n, seqlen_k, stride_b, stride_s, PAGE_SIZE: tl.constexpr):
+    """Row offsets of keys offs_n when pages are smaller than a block: a per-key table gather."""
+    page = tl.load(BT_row + offs_n // PAGE_SIZE, mask=offs_n < seqlen_k, other=0).to(tl.int64)
+    return page * stride_b + (offs_n % PAGE_SIZE).to(tl.int64) * stride_s
+
+
+@triton.jit
+def _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_d, k_off,
+                  D_OFF: tl.constexpr, BLOCK_D: tl.constexpr, D_TOTAL: tl.constexpr,
+                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  BLOCK_PTR: tl.constexpr):
+    """K^T of key block `blk`, head-dim columns [D_OFF, D_OFF + BLOCK_D): (BLOCK_D, BLOCK_N).
+
+    Three address modes. BLOCK_PTR: a block pointer on the block's rows, no per-element
+    pointer tensor (for 16-row decode tiles the pointer tensors alone spilled: ptxas
+    reported 22 KB of spill stores, against 72 B with block pointers). Else a scalar base
+    plus precomputed in-block offsets `k_off`, or a per-key gather for small pages.
+    Under MASKED, keys past seqlen_k read as 0 (or as cache rows of the same page).
+    """
+    if PAGED and PAGE_SIZE < BLOCK_N:
+        rows = _gather_rows(BT_row, offs_n, seqlen_k, stride_kb, stride_ks, PAGE_SIZE)
+        ptrs = K_base + rows[None, :] + offs_d[:, None]
+        if MASKED:
+            return tl.load(ptrs, mask=(offs_n < seqlen_k)[None, :], other=0.0)
+        return tl.load(ptrs)
+    base, n_rows, row = _block_start(K_base, BT_row, blk, seqlen_k, stride_kb, stride_ks, BLOCK_N, PAGED, PAGE_SIZE)
+    if BLOCK_PTR:
+        bp = tl.make_block_ptr(base, (D_TOTAL, n_rows), (1, stride_ks), (D_OFF, row), (BLOCK_D, BLOCK_N), (0, 1))
+        if MASKED:
+            return tl.load(bp, boundary_check=(1,), padding_option="zero")
+        return tl.load(bp)
+    ptrs = base + tl.cast(row, tl.int64) * stride_ks + k_off
+    if MASKED:
+        return tl.load(ptrs, mask=(offs_n < seqlen_k)[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _load_v_block(V_base, BT_row, blk, offs_n, seqlen_k, stride_vb, stride_vs, offs_dv, v_off,
+                  DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  BLOCK_PTR: tl.constexpr):
+    """V of key block `blk`: (BLOCK_N, BLOCK_DV), zero past DV and (MASKED) past seqlen_k."""
+    if PAGED and PAGE_SIZE < BLOCK_N:
+        rows = _gather_rows(BT_row, offs_n, seqlen_k, stride_vb, stride_vs, PAGE_SIZE)
+        ptrs = V_base + rows[:, None] + offs_dv[None, :]
+    else:
+        base, n_rows, row = _block_start(V_base, BT_row, blk, seqlen_k, stride_vb, stride_vs, BLOCK_N, PAGED,
+                                         PAGE_SIZE)
+        if BLOCK_PTR:
+            bp = tl.make_block_ptr(base, (n_rows, DV), (stride_vs, 1), (row, 0), (BLOCK_N, BLOCK_DV), (1, 0))
+            if MASKED or BLOCK_DV != DV:
+                return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
+            return tl.load(bp)
+        ptrs = base + tl.cast(row, tl.int64) * stride_vs + v_off
+    if MASKED:
+        return tl.load(ptrs, mask=(offs_n < seqlen_k)[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    if BLOCK_DV != DV:
+        return tl.load(ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _attn_block_range(
     acc, l_i, m_i, qa, qb,
     K_base, V_base, BT_row,
@@ -35,8 +113,8 @@ def _attn_block_range(
     blk_lo, blk_hi,
     qk_scale, softcap_in, softcap_out, window_left, window_right,
     MASKED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PTR: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [blk_lo, blk_hi).
@@ -44,39 +122,14 @@ def _attn_block_range(
     q_diag[r] = query position of row r + seqlen_k - seqlen_q: the last key row r
     may see under a causal mask (bottom-right alignment).
     """
-    dv_ok = offs_dv < DV
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        if PAGED and PAGE_SIZE >= BLOCK_N:  # the block lies in one page: one table lookup
-            start = tl.cast(blk, tl.int64) * BLOCK_N
-            page = tl.load(BT_row + start // PAGE_SIZE).to(tl.int64)
-            k_ptrs = K_base + page * stride_kb + (start % PAGE_SIZE) * stride_ks + k_off
-            k2_ptrs = K_base + page * stride_kb + (start % PAGE_SIZE) * stride_ks + k2_off
-            v_ptrs = V_base + page * stride_vb + (start % PAGE_SIZE) * stride_vs + v_off
-        elif PAGED:  # pages smaller than the block: gather each key's page
-            page = tl.load(BT_row + offs_n // PAGE_SIZE, mask=offs_n < seqlen_k, other=0).to(tl.int64)
-            in_page = (offs_n % PAGE_SIZE).to(tl.int64)
-            k_rows = page * stride_kb + in_page * stride_ks
-            v_rows = page * stride_vb + in_page * stride_vs
-            k_ptrs = K_base + k_rows[None, :] + offs_da[:, None]
-            k2_ptrs = K_base + k_rows[None, :] + offs_db[:, None]
-            v_ptrs = V_base + v_rows[:, None] + offs_dv[None, :]
-        else:  # contiguous keys: only a scalar base moves, the in-block offsets are precomputed
-            start = tl.cast(blk, tl.int64) * BLOCK_N
-            k_ptrs = K_base + start * stride_ks + k_off
-            k2_ptrs = K_base + start * stride_ks + k2_off
-            v_ptrs = V_base + start * stride_vs + v_off
-        if MASKED:
-            n_ok = offs_n < seqlen_k
-            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_da, k_off,
+                          0, BLOCK_DA, BLOCK_DA + BLOCK_DB, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
         s = tl.dot(qa, k)
         if BLOCK_DB > 0:  # head dims like 192 = 128 + 64: a second dot, no padding waste
-            if MASKED:
-                k2 = tl.load(k2_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k2 = tl.load(k2_ptrs)
+            k2 = _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_db, k2_off,
+                               BLOCK_DA, BLOCK_DB, BLOCK_DA + BLOCK_DB, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
             s = tl.dot(qb, k2, s)
 
         if HAS_SOFTCAP:
@@ -89,7 +142,7 @@ def _attn_block_range(
             scale = qk_scale
         if MASKED:
             s = s * scale
-            ok = n_ok[None, :]
+            ok = (offs_n < seqlen_k)[None, :]
             if WINDOW_RIGHT:
                 ok = ok & (offs_n[None, :] <= q_diag[:, None] + window_right)
             if WINDOW_LEFT:
@@ -106,13 +159,8 @@ def _attn_block_range(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-
-        if MASKED:
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        elif BLOCK_DV != DV:
-            v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_v_block(V_base, BT_row, blk, offs_n, seqlen_k, stride_vb, stride_vs, offs_dv, v_off,
+                          DV, BLOCK_DV, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -133,7 +181,7 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PTR: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
     OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
@@ -234,19 +282,22 @@ def attn_fwd_kernel(
         offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
         tl.maximum(lo_blk, s_lo), tl.minimum(full_lo_blk, s_hi),
         qk_scale, softcap_in, softcap_out, window_left, window_right,
-        True, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
+        True, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
+        WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
     acc, l_i, m_i = _attn_block_range(
         acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
         offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
         tl.maximum(full_lo_blk, s_lo), tl.minimum(full_hi_blk, s_hi),
         qk_scale, softcap_in, softcap_out, window_left, window_right,
-        False, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
+        False, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
+        WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
     acc, l_i, m_i = _attn_block_range(
         acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
         offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
         tl.maximum(full_hi_blk, s_lo), tl.minimum(hi_blk, s_hi),
         qk_scale, softcap_in, softcap_out, window_left, window_right,
-        True, BLOCK_N, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
+        True, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
+        WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf --------------------
     seen = l_i > 0.0
