@@ -55,6 +55,10 @@ def test_kvcache_contiguous(heads, sq, num_splits, kind):
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn], ids=str)
 def test_paged_bit_identical_to_contiguous(page, num_splits, kind):
+    """Same tile config and split count: the paged address path computes exactly what the
+    contiguous one does. (By default the two may pick different tiles, see config.py.)"""
+    from attnquant.kernels.config import forward_config
+
     dtype = DTYPES[0]
     gen = torch.Generator().manual_seed(page + num_splits)
     q, kc, vc, lens = decode_inputs(dtype, 2, (8, 2), dims=(64, 64))
@@ -62,7 +66,8 @@ def test_paged_bit_identical_to_contiguous(page, num_splits, kind):
     vp, _ = to_paged(vc, page, torch.Generator().manual_seed(page + num_splits))
     ref_o, _ = attention_ref_kvcache(q, kc, vc, lens, causal=True)
     fmt = make_format(kind, dtype, ref_o)
-    kw = dict(num_splits=num_splits, return_lse=True, **format_kwargs(fmt))
+    cfg = forward_config(64, 64, 2 * 4, not ON_GPU, page)  # the paged path's default tile
+    kw = dict(num_splits=num_splits, return_lse=True, _config=cfg, **format_kwargs(fmt))
     a, la = aq.flash_attn_with_kvcache(q, kc, vc, lens, **kw)
     b, lb = aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt, **kw)
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
@@ -187,3 +192,25 @@ if ON_GPU:  # CUDA graphs and sync detection exist only on the GPU
         ref_out, ref_lse = run()
         assert torch.equal(out.view(torch.uint8), ref_out.view(torch.uint8))
         assert torch.equal(lse, ref_lse)
+
+
+def test_pages_past_2_pow_31_elements():
+    """64-bit offsets: on the GPU the pages in use sit past element 2**31 of a 4.3 GB cache."""
+    dtype = DTYPES[0]
+    page, d, hkv = 64, 128, 1
+    num_blocks = (2**31 // (page * hkv * d) + 64) if ON_GPU else 40
+    kp = torch.empty(num_blocks, page, hkv, d, dtype=dtype, device=DEVICE)
+    vp = torch.empty_like(kp)
+    lens = torch.tensor([1000, 517] if ON_GPU else [70, 33], dtype=torch.int32, device=DEVICE)
+    per_seq = -(-int(lens.max()) // page)
+    bt = (num_blocks - 2 * per_seq + torch.arange(2 * per_seq, device=DEVICE)).reshape(2, per_seq).to(torch.int32)
+    used = bt.flatten().long()
+    kp[used] = randn(len(used), page, hkv, d, dtype=dtype)
+    vp[used] = randn(len(used), page, hkv, d, dtype=dtype)
+    q = randn(2, 2, 8, d, dtype=dtype)
+    ref_o, ref_lse = attention_ref_kvcache(q, kp, vp, lens, block_table=bt, causal=True)
+    eager_o, _ = attention_ref_kvcache(q, kp, vp, lens, block_table=bt, causal=True, eager_dtype=dtype)
+    fmt = make_format(torch.float8_e4m3fn, dtype, ref_o)
+    out, lse = aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt, return_lse=True, **format_kwargs(fmt))
+    check_output(out, fmt, ref_o, eager_o)
+    check_lse(lse, ref_lse)

@@ -277,27 +277,20 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    acc, l_i, m_i = _attn_block_range(
-        acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
-        offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
-        tl.maximum(lo_blk, s_lo), tl.minimum(full_lo_blk, s_hi),
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
-        True, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
-        WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
-    acc, l_i, m_i = _attn_block_range(
-        acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
-        offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
-        tl.maximum(full_lo_blk, s_lo), tl.minimum(full_hi_blk, s_hi),
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
-        False, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
-        WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
-    acc, l_i, m_i = _attn_block_range(
-        acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
-        offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
-        tl.maximum(full_hi_blk, s_lo), tl.minimum(hi_blk, s_hi),
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
-        True, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
-        WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
+    for stage in tl.static_range(3):  # masked | fully visible (no mask arithmetic) | masked
+        if stage == 0:
+            stage_lo, stage_hi = lo_blk, full_lo_blk
+        elif stage == 1:
+            stage_lo, stage_hi = full_lo_blk, full_hi_blk
+        else:
+            stage_lo, stage_hi = full_hi_blk, hi_blk
+        acc, l_i, m_i = _attn_block_range(
+            acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
+            offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
+            tl.maximum(stage_lo, s_lo), tl.minimum(stage_hi, s_hi),
+            qk_scale, softcap_in, softcap_out, window_left, window_right,
+            stage != 1, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
+            WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf --------------------
     seen = l_i > 0.0

@@ -1,0 +1,95 @@
+"""Compile the kernels ahead of time for Hopper (sm_90a) without a GPU, and report what
+ptxas says about registers and spills.
+
+    TRITON_INTERPRET=0 python scripts/compile_sm90.py
+
+Triton's interpreter (the CPU tests) never runs the real compiler, so a kernel that no
+longer compiles would pass CI; tests/test_compile_sm90.py runs this script to catch that.
+The spill report is also how the K/V address modes were chosen (docs/perf-notes.md).
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from attnquant.kernels.combine import combine_kernel
+from attnquant.kernels.forward import attn_fwd_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+FP_ARGS = {"qk_scale", "softcap_in", "softcap_out"}
+
+
+def signature(fn, pointers, constexprs):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in FP_ARGS else "i32"
+    return sig
+
+
+def forward_variant(out="*bf16", kind=0, group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
+                    paged=False, page=1, block_ptr=False, varlen=False, window=(False, True), softcap=False):
+    ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": out, "Lse": "*fp32", "OutScale": "*fp32",
+            "BlockTable": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqUsedK": "*i32"}
+    c = dict(GROUP=group, DV=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv,
+             VARLEN_Q=varlen, VARLEN_K=varlen, HAS_SEQUSED=paged, PAGED=paged, PAGE_SIZE=page, BLOCK_PTR=block_ptr,
+             WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, STORE_LSE=True,
+             OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0, FP8_MANT=3, FP8_EMIN=-6, EMULATE_FP8_ROUNDING=False)
+    src = ASTSource(fn=attn_fwd_kernel, signature=signature(attn_fwd_kernel, ptrs, c), constexprs=c)
+    return src, dict(num_warps=warps, num_stages=stages)
+
+
+def combine_variant(out="*fp8e4nv", kind=1):
+    ptrs = {"OPart": "*fp32", "LsePart": "*fp32", "Out": out, "Lse": "*fp32", "OutScale": "*fp32"}
+    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, FP8_MANT=3, FP8_EMIN=-6,
+             EMULATE_FP8_ROUNDING=False)
+    return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
+
+
+VARIANTS = {
+    "prefill d128 causal, fp8 out": forward_variant(out="*fp8e4nv", kind=1),
+    "prefill d192-128 mqa (two dots), bf16 out": forward_variant(group=16, db=64),
+    "varlen d64 window+softcap, e5m2 out": forward_variant(out="*fp8e5", kind=1, da=64, dv=64, varlen=True,
+                                                           window=(True, True), softcap=True),
+    "decode 16-row tile, block pointers": forward_variant(out="*fp32", group=16, bm=16, bn=128, warps=4,
+                                                          block_ptr=True),
+    "decode paged, page 16 (gather)": forward_variant(out="*fp32", group=16, bm=16, bn=128, warps=4, paged=True,
+                                                      page=16),
+    "decode paged, page 64 (block pointers)": forward_variant(out="*fp32", group=16, bm=16, bn=64, warps=4,
+                                                              stages=5, paged=True, page=64, block_ptr=True),
+    "split combine, fp8 out": combine_variant(),
+}
+
+
+def ptxas_report(ptx: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    r = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    return " | ".join(line.split("info    :")[-1].strip() for line in r.stderr.splitlines()
+                      if "registers" in line or "spill" in line)
+
+
+def main(names=None):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("run with TRITON_INTERPRET=0: the interpreter replaces the compiler")
+    for name, (src, opts) in VARIANTS.items():
+        if names and not any(n in name for n in names):
+            continue
+        k = triton.compile(src, target=TARGET, options=opts)
+        assert k.asm["cubin"], name
+        print(f"{name:<45} smem {k.metadata.shared:6d} B  {ptxas_report(k.asm['ptx'])}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
