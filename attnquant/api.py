@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -189,6 +189,28 @@ class _Problem:
         return self.out_shape[0] if self.varlen else self.batch * self.max_seqlen_q
 
 
+def _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+                  block_table=None) -> _Problem:
+    """Describe validated inputs: q (B, Sq, H, D) or packed (total_q, H, D); k/v batched,
+    packed, or paged (num_blocks, page_size, Hkv, *) when block_table is given."""
+    varlen = q.dim() == 3
+    paged = block_table is not None
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    h, d = q.shape[-2], q.shape[-1]
+    hkv, dv = v.shape[-2], v.shape[-1]
+    if paged or not varlen:
+        k_strides, v_strides = tuple(k.stride()[:3]), tuple(v.stride()[:3])
+    else:
+        k_strides, v_strides = (0,) + tuple(k.stride()[:2]), (0,) + tuple(v.stride()[:2])
+    if varlen:
+        q_strides, out_shape, lse_shape = (0,) + tuple(q.stride()[:2]), (q.shape[0], h, dv), (h, q.shape[0])
+    else:
+        q_strides, out_shape, lse_shape = tuple(q.stride()[:3]), (batch, max_seqlen_q, h, dv), (batch, h, max_seqlen_q)
+    return _Problem(q, k, v, batch, h, hkv, d, dv, max_seqlen_q, max_seqlen_k, q_strides, k_strides, v_strides,
+                    out_shape, lse_shape, varlen, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table,
+                    k.shape[1] if paged else 1)
+
+
 def _token_strides(t: torch.Tensor, varlen: bool):
     """(batch, token, head) strides of an output-like tensor; batch stride 0 for varlen."""
     if varlen:
@@ -222,12 +244,10 @@ def _epilogue_constexprs(fmt: quant.OutputFormat):
     )
 
 
-def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_scale, causal, window_size,
-            softcap, num_splits, return_lse, config: Optional[FwdConfig] = None):
-    q, k, v = p.q, p.k, p.v
-    device = q.device
+def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_scale, causal, window_size,
+             softcap, num_splits, return_lse, config: Optional[FwdConfig] = None):
+    """Host planning (tile config, split count, LSE allocation), then the registered op."""
     group = p.num_heads // p.num_heads_kv
-    scale = p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
     left, right = window_size
     if causal:
         right = 0
@@ -235,20 +255,57 @@ def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sca
     paged = p.block_table is not None
     cfg = config or forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * group, interpret,
                                    p.page_size if paged else 0)
-    block_da, block_db = split_head_dim(p.head_dim)
-    block_dv = max(16, next_pow2(p.head_dim_v))
     m_tiles = triton.cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
     key_blocks = triton.cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
     if num_splits == 0:
+        device = p.q.device
         sms = 16 if interpret else num_sms(device.index if device.index is not None else torch.cuda.current_device())
         gather = paged and p.page_size < cfg.block_n
         num_splits = num_splits_heuristic(m_tiles * p.batch * p.num_heads_kv, p.max_seqlen_k, cfg.block_n, sms,
                                           min_blocks_per_split=8 if gather else 16)
     num_splits = max(1, min(num_splits, key_blocks))
-
-    lse = torch.empty(p.lse_shape, dtype=torch.float32, device=device) if return_lse else None
+    lse = torch.empty(p.lse_shape, dtype=torch.float32, device=p.q.device) if return_lse else None
     if p.batch == 0 or p.max_seqlen_q == 0 or p.num_heads == 0 or out.numel() == 0:
         return out, lse
+    # Under torch.compile the call goes through the registered op; eagerly the op's
+    # dispatcher would add ~150 us of host time per call, so the function is called directly.
+    run = torch.ops.attnquant.fwd if torch.compiler.is_compiling() else _fwd
+    run(p.q, p.k, p.v, out, lse, fmt.scale, p.block_table, p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k,
+        p.max_seqlen_q, p.max_seqlen_k, num_splits, left, right,
+        p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale), float(softcap),
+        [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr)])
+    return out, lse
+
+
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor],
+            output_scale: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
+            cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+            seqused_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, num_splits: int,
+            window_left: int, window_right: int, softmax_scale: float, softcap: float, tile: List[int]) -> None:
+    """The forward as a torch op (torch.compile sees one opaque call that writes out / lse)."""
+    p = _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
+    fmt = quant.OutputFormat(quant.FP8_STATIC if output_scale is not None else quant.PLAIN, out.dtype, output_scale)
+    cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
+    _launch_kernels(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, cfg)
+
+
+_fwd_op = torch.library.custom_op("attnquant::fwd", mutates_args=("out", "lse"))(_fwd)
+
+
+@_fwd_op.register_fake
+def _fwd_op_fake(q, k, v, out, lse, output_scale, block_table, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                 max_seqlen_q, max_seqlen_k, num_splits, window_left, window_right, softmax_scale, softcap, tile):
+    return None
+
+
+def _launch_kernels(p: _Problem, fmt: quant.OutputFormat, out, lse, num_splits, left, right, scale, softcap,
+                    cfg: FwdConfig):
+    q, k, v = p.q, p.k, p.v
+    device = q.device
+    group = p.num_heads // p.num_heads_kv
+    block_da, block_db = split_head_dim(p.head_dim)
+    block_dv = max(16, next_pow2(p.head_dim_v))
+    m_tiles = triton.cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
     split = num_splits > 1
     if split:  # float32 partials, token-major so the combine reads rows contiguously
         tokens = p.num_tokens
@@ -266,16 +323,17 @@ def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sca
 
     dummy = q  # stands in for pointer arguments a variant does not read
     out_scale = fmt.scale if fmt.scale is not None else dummy
+    paged = p.block_table is not None
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
         attn_fwd_kernel[(m_tiles, p.batch * p.num_heads_kv, num_splits)](
             q, k, v, o_buf, l_buf, out_scale,
-            p.block_table if p.block_table is not None else dummy,
+            p.block_table if paged else dummy,
             p.cu_seqlens_q if p.cu_seqlens_q is not None else dummy,
             p.cu_seqlens_k if p.cu_seqlens_k is not None else dummy,
             p.seqused_k if p.seqused_k is not None else dummy,
             *p.q_strides, *p.k_strides, *p.v_strides,
             *o_strides, *l_strides,
-            p.block_table.stride(0) if p.block_table is not None else 0,
+            p.block_table.stride(0) if paged else 0,
             p.max_seqlen_q, p.max_seqlen_k, p.num_heads_kv, num_splits,
             scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
             max(left, 0), max(right, 0),
@@ -286,7 +344,7 @@ def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sca
             HAS_SEQUSED=p.seqused_k is not None,
             PAGED=paged, PAGE_SIZE=p.page_size, BLOCK_PTR=cfg.block_ptr,
             WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
-            STORE_LSE=split or return_lse,
+            STORE_LSE=split or lse is not None,
             **_epilogue_constexprs(fwd_fmt),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -301,11 +359,10 @@ def _launch(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sca
                 o_buf.stride(0), o_buf.stride(1), o_buf.stride(2),
                 l_buf.stride(0), l_buf.stride(1), l_buf.stride(2),
                 ob, os_, oh, lb, ls, lh,
-                DV=p.head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv, STORE_LSE=return_lse,
+                DV=p.head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv, STORE_LSE=lse is not None,
                 **_epilogue_constexprs(fmt),
                 num_warps=4,
             )
-    return out, lse
 
 
 class _nullcontext:
@@ -340,11 +397,9 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     if k.shape[0] != b:
         raise ValueError(f"k/v batch {k.shape[0]} must equal q's batch {b}")
     fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
-    p = _Problem(q, k, v, b, h, hkv, d, dv, sq, sk,
-                 q.stride()[:3], k.stride()[:3], v.stride()[:3],
-                 (b, sq, h, dv), (b, h, sq), varlen=False)
+    p = _make_problem(q, k, v, sq, sk)
     out = _prepare_out(p, fmt, out)
-    return _launch(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
+    return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None,
@@ -363,8 +418,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
     _check_int("max_seqlen_q", max_seqlen_q)
     _check_int("max_seqlen_k", max_seqlen_k)
-    total_q, h, d = q.shape
-    hkv, dv = v.shape[-2], v.shape[-1]
+    total_q = q.shape[0]
     _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,))
     batch = cu_seqlens_q.shape[0] - 1
     if batch < 1:
@@ -378,12 +432,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         capacity = block_table.shape[1] * page_size
         if max_seqlen_k > capacity:
             raise ValueError(f"max_seqlen_k={max_seqlen_k} exceeds the block table's capacity {capacity}")
-        k_strides, v_strides = k.stride()[:3], v.stride()[:3]
     else:
-        page_size, capacity = 1, k.shape[0]
-        if max_seqlen_k > k.shape[0]:
-            raise ValueError(f"max_seqlen_k={max_seqlen_k} exceeds the {k.shape[0]} key tokens in k")
-        k_strides, v_strides = (0,) + k.stride()[:2], (0,) + v.stride()[:2]
+        capacity = k.shape[0]
+        if max_seqlen_k > capacity:
+            raise ValueError(f"max_seqlen_k={max_seqlen_k} exceeds the {capacity} key tokens in k")
     if cu_seqlens_k is None:
         if seqused_k is None:
             raise ValueError("cu_seqlens_k may be None only when seqused_k gives the key lengths")
@@ -396,13 +448,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         _check_index_tensor("seqused_k", seqused_k, q.device, 1, batch)
         _check_lengths_on_host("seqused_k", seqused_k, max_seqlen_k)
     fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
-    p = _Problem(q, k, v, batch, h, hkv, d, dv, max_seqlen_q, max_seqlen_k,
-                 (0,) + q.stride()[:2], k_strides, v_strides,
-                 (total_q, h, dv), (h, total_q), varlen=True,
-                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=None if paged and seqused_k is not None else cu_seqlens_k,
-                 seqused_k=seqused_k, block_table=block_table, page_size=page_size)
+    p = _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q,
+                      None if paged and seqused_k is not None else cu_seqlens_k, seqused_k, block_table)
     out = _prepare_out(p, fmt, out)
-    return _launch(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
+    return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None, softmax_scale=None,
@@ -418,8 +467,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None
     paged = block_table is not None
     _check_qkv(q, k_cache, v_cache, 4, 4)
     _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
-    b, sq, h, d = q.shape
-    hkv, dv = v_cache.shape[-2], v_cache.shape[-1]
+    b, sq = q.shape[:2]
     if paged:
         num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
         _check_block_table(block_table, q.device, b, num_blocks, page_size)
@@ -435,9 +483,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None
     _check_index_tensor("cache_seqlens", cache_seqlens, q.device, 1, b)
     _check_lengths_on_host("cache_seqlens", cache_seqlens, capacity)
     fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
-    p = _Problem(q, k_cache, v_cache, b, h, hkv, d, dv, sq, capacity,
-                 q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3],
-                 (b, sq, h, dv), (b, h, sq), varlen=False,
-                 seqused_k=cache_seqlens, block_table=block_table, page_size=page_size)
+    p = _make_problem(q, k_cache, v_cache, sq, capacity, seqused_k=cache_seqlens, block_table=block_table)
     out = _prepare_out(p, fmt, out)
-    return _launch(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
+    return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)

@@ -12,7 +12,6 @@ shape), and SDPA followed by a torch.compile'd static FP8 quantization of its ou
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import attnquant as aq
-from attnquant import quant
 from attnquant.reference import attention_ref_kvcache, attention_ref_varlen
 
 from .helpers import DEVICE, DTYPES, FP8, ON_GPU, check_lse, check_output, format_kwargs, make_format, randn
