@@ -8,7 +8,6 @@ every masked / unmasked stage.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,9 +63,14 @@ def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool, p
     return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
 
-@functools.lru_cache(maxsize=None)
+_NUM_SMS = {}
+
+
 def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    """Multiprocessor count, cached (a plain dict, which torch.compile traces without a warning)."""
+    if device_index not in _NUM_SMS:
+        _NUM_SMS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _NUM_SMS[device_index]
 
 
 def num_splits_heuristic(num_tiles: int, max_seqlen_k: int, block_n: int, sms: int,
