@@ -241,6 +241,7 @@ def _epilogue_constexprs(fmt: quant.OutputFormat):
     return dict(
         OUT_KIND=fmt.kind, FP8_MAX=fp8_max, FP8_MANT=mant, FP8_EMIN=emin,
         EMULATE_FP8_ROUNDING=_interpreting() and fmt.dtype in _FP8_PARAMS,
+        GROUP_SIZE=max(fmt.group_size, 1), UE8M0=fmt.ue8m0,
     )
 
 
@@ -270,31 +271,42 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
     # Under torch.compile the call goes through the registered op; eagerly the op's
     # dispatcher would add ~150 us of host time per call, so the function is called directly.
     run = torch.ops.attnquant.fwd if torch.compiler.is_compiling() else _fwd
-    run(p.q, p.k, p.v, out, lse, fmt.scale, p.block_table, p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k,
-        p.max_seqlen_q, p.max_seqlen_k, num_splits, left, right,
+    run(p.q, p.k, p.v, out, lse, fmt.scale, fmt.block_scale, p.block_table, p.cu_seqlens_q, p.cu_seqlens_k,
+        p.seqused_k, p.max_seqlen_q, p.max_seqlen_k, num_splits, left, right,
         p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale), float(softcap),
-        [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr)])
+        [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr)],
+        [fmt.group_size, int(fmt.ue8m0), *fmt.block_scale_strides])
     return out, lse
 
 
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor],
-            output_scale: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
-            cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-            seqused_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, num_splits: int,
-            window_left: int, window_right: int, softmax_scale: float, softcap: float, tile: List[int]) -> None:
-    """The forward as a torch op (torch.compile sees one opaque call that writes out / lse)."""
+         output_scale: Optional[torch.Tensor], output_block_scale: Optional[torch.Tensor],
+         block_table: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+         cu_seqlens_k: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor], max_seqlen_q: int,
+         max_seqlen_k: int, num_splits: int, window_left: int, window_right: int, softmax_scale: float,
+         softcap: float, tile: List[int], group: List[int]) -> None:
+    """The forward as a torch op (torch.compile sees one opaque call that writes out, lse and
+    the per-group scales). tile: (block_m, block_n, warps, stages, block_ptr); group:
+    (G, ue8m0, block-scale strides per batch, token, head, group)."""
     p = _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
-    fmt = quant.OutputFormat(quant.FP8_STATIC if output_scale is not None else quant.PLAIN, out.dtype, output_scale)
+    if output_block_scale is not None:
+        fmt = quant.OutputFormat(quant.FP8_GROUP, out.dtype, block_scale=output_block_scale, group_size=group[0],
+                                 ue8m0=bool(group[1]), block_scale_strides=tuple(group[2:6]))
+    elif output_scale is not None:
+        fmt = quant.OutputFormat(quant.FP8_STATIC, out.dtype, scale=output_scale)
+    else:
+        fmt = quant.OutputFormat(quant.PLAIN, out.dtype)
     cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
     _launch_kernels(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, cfg)
 
 
-_fwd_op = torch.library.custom_op("attnquant::fwd", mutates_args=("out", "lse"))(_fwd)
+_fwd_op = torch.library.custom_op("attnquant::fwd", mutates_args=("out", "lse", "output_block_scale"))(_fwd)
 
 
 @_fwd_op.register_fake
-def _fwd_op_fake(q, k, v, out, lse, output_scale, block_table, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                 max_seqlen_q, max_seqlen_k, num_splits, window_left, window_right, softmax_scale, softcap, tile):
+def _fwd_op_fake(q, k, v, out, lse, output_scale, output_block_scale, block_table, cu_seqlens_q, cu_seqlens_k,
+                 seqused_k, max_seqlen_q, max_seqlen_k, num_splits, window_left, window_right, softmax_scale,
+                 softcap, tile, group):
     return None
 
 
@@ -323,16 +335,17 @@ def _launch_kernels(p: _Problem, fmt: quant.OutputFormat, out, lse, num_splits, 
 
     dummy = q  # stands in for pointer arguments a variant does not read
     out_scale = fmt.scale if fmt.scale is not None else dummy
+    block_scale = fmt.block_scale if fmt.block_scale is not None else dummy
     paged = p.block_table is not None
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
         attn_fwd_kernel[(m_tiles, p.batch * p.num_heads_kv, num_splits)](
-            q, k, v, o_buf, l_buf, out_scale,
+            q, k, v, o_buf, l_buf, out_scale, block_scale,
             p.block_table if paged else dummy,
             p.cu_seqlens_q if p.cu_seqlens_q is not None else dummy,
             p.cu_seqlens_k if p.cu_seqlens_k is not None else dummy,
             p.seqused_k if p.seqused_k is not None else dummy,
             *p.q_strides, *p.k_strides, *p.v_strides,
-            *o_strides, *l_strides,
+            *o_strides, *l_strides, *fwd_fmt.block_scale_strides,
             p.block_table.stride(0) if paged else 0,
             p.max_seqlen_q, p.max_seqlen_k, p.num_heads_kv, num_splits,
             scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
@@ -354,11 +367,11 @@ def _launch_kernels(p: _Problem, fmt: quant.OutputFormat, out, lse, num_splits, 
             ob, os_, oh = _token_strides(out, p.varlen)
             lb, lh, ls = _lse_strides(lse, p.varlen) if lse is not None else (0, 0, 0)
             combine_kernel[(triton.cdiv(rows, block_r),)](
-                o_buf, l_buf, out, lse if lse is not None else dummy, out_scale,
+                o_buf, l_buf, out, lse if lse is not None else dummy, out_scale, block_scale,
                 rows, p.num_heads, p.num_tokens if p.varlen else p.max_seqlen_q, num_splits,
                 o_buf.stride(0), o_buf.stride(1), o_buf.stride(2),
                 l_buf.stride(0), l_buf.stride(1), l_buf.stride(2),
-                ob, os_, oh, lb, ls, lh,
+                ob, os_, oh, lb, ls, lh, *fmt.block_scale_strides,
                 DV=p.head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv, STORE_LSE=lse is not None,
                 **_epilogue_constexprs(fmt),
                 num_warps=4,
@@ -373,8 +386,10 @@ class _nullcontext:
         return False
 
 
-def _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0):
-    return quant.resolve_output_format(q.dtype, q.device, out, out_dtype, output_scale, output_block_scale, ue8m0)
+def _resolve(p: _Problem, out, out_dtype, output_scale, output_block_scale, ue8m0):
+    tokens = p.out_shape[:-2]  # (B, Sq) or (total_q,)
+    return quant.resolve_output_format(p.q.dtype, p.q.device, out, out_dtype, output_scale, output_block_scale,
+                                       ue8m0, tokens, p.num_heads, p.head_dim_v)
 
 
 # ----------------------------------------------------------------------------------
@@ -396,8 +411,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     _, sk, hkv, dv = v.shape
     if k.shape[0] != b:
         raise ValueError(f"k/v batch {k.shape[0]} must equal q's batch {b}")
-    fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
     p = _make_problem(q, k, v, sq, sk)
+    fmt = _resolve(p, out, out_dtype, output_scale, output_block_scale, ue8m0)
     out = _prepare_out(p, fmt, out)
     return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
 
@@ -447,9 +462,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if seqused_k is not None:
         _check_index_tensor("seqused_k", seqused_k, q.device, 1, batch)
         _check_lengths_on_host("seqused_k", seqused_k, max_seqlen_k)
-    fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
     p = _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q,
                       None if paged and seqused_k is not None else cu_seqlens_k, seqused_k, block_table)
+    fmt = _resolve(p, out, out_dtype, output_scale, output_block_scale, ue8m0)
     out = _prepare_out(p, fmt, out)
     return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
 
@@ -482,7 +497,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None
         cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
     _check_index_tensor("cache_seqlens", cache_seqlens, q.device, 1, b)
     _check_lengths_on_host("cache_seqlens", cache_seqlens, capacity)
-    fmt = _resolve(q, out, out_dtype, output_scale, output_block_scale, ue8m0)
     p = _make_problem(q, k_cache, v_cache, sq, capacity, seqused_k=cache_seqlens, block_table=block_table)
+    fmt = _resolve(p, out, out_dtype, output_scale, output_block_scale, ue8m0)
     out = _prepare_out(p, fmt, out)
     return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)

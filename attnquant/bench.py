@@ -75,7 +75,7 @@ def _sdpa(q, k, v, causal):
 def prefill_table(rows_out):
     quant = _quant_fn()
     print(f"\n{'prefill shape':<18} {'ours bf16':>16} {'ours fused fp8':>16} {'fp8/bf16':>8} "
-          f"{'SDPA bf16':>22} {'SDPA+quant':>16} {'ours/SDPA':>9}")
+          f"{'SDPA bf16':>22} {'SDPA+quant':>16} {'ours/SDPA':>9} {'group fp8':>9} {'grp/bf16':>8}")
     for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
         torch.manual_seed(0)
         q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
@@ -85,16 +85,18 @@ def prefill_table(rows_out):
         flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
         tf = lambda us: flops / us * 1e-6  # noqa: E731
         # bf16 and fp8 alternate over three rounds (median of each) so clock drift hits both
+        bscale = torch.empty(b, sq, h * dv // 128, device="cuda")  # per-token-group FP8, G = 128, ue8m0
         rounds = [(bench(lambda: aq.flash_attn_func(q, k, v, causal=causal)),
-                   bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale)))
+                   bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale)),
+                   bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_block_scale=bscale, ue8m0=True)))
                   for _ in range(3)]
-        t_bf16, t_fp8 = (sorted(r[i] for r in rounds)[1] for i in (0, 1))
+        t_bf16, t_fp8, t_grp = (sorted(r[i] for r in rounds)[1] for i in (0, 1, 2))
         sdpa, backend = _sdpa(q, k, v, causal)
         t_sdpa = bench(sdpa) if sdpa else float("nan")
         t_sdpa_q = bench(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
         print(f"{name:<18} {t_bf16:7.0f} ({tf(t_bf16):4.0f} TF) {t_fp8:7.0f} ({tf(t_fp8):4.0f} TF) "
               f"{t_fp8 / t_bf16:8.3f} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:16.0f} "
-              f"{tf(t_fp8) / tf(t_sdpa):9.2f}")
+              f"{tf(t_fp8) / tf(t_sdpa):9.2f} {t_grp:9.0f} {t_grp / t_bf16:8.3f}")
         rows_out.append((name, t_bf16, t_fp8, t_sdpa, t_sdpa_q))
         del q, k, v
 
@@ -112,7 +114,7 @@ def decode_table(rows_out, num_splits=0):
     quant = _quant_fn()
     print("\ndecode, CUDA-graph replays (µs, TB/s of K+V); 'eager' = launched from Python")
     print(f"{'decode shape':<16} {'ours bf16':>17} {'ours fused fp8':>17} {'fp8/bf16':>8} {'paged16 fp8':>17} "
-          f"{'paged64 fp8':>17} {'SDPA bf16':>16} {'SDPA+quant':>11} {'ours fp8 eager':>14}")
+          f"{'paged64 fp8':>17} {'SDPA bf16':>16} {'SDPA+quant':>11} {'ours fp8 eager':>14} {'group fp8':>9}")
     for name, b, sk, h, hkv, d in DECODE:
         torch.manual_seed(0)
         q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
@@ -126,6 +128,8 @@ def decode_table(rows_out, num_splits=0):
         t_bf16 = bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, **kw))
         t_fp8 = bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale, **kw))
         t_eager = bench(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale, **kw))
+        bscale = torch.empty(b, 1, h * d // 128, device="cuda")
+        t_grp = bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_block_scale=bscale, **kw))
         t_paged = []
         for page in (16, 64):
             kp, bt = _paged(kc, page)
@@ -139,7 +143,7 @@ def decode_table(rows_out, num_splits=0):
         t_sdpa_q = bench_graph(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
         cell = lambda us: f"{us:6.1f} ({tbs(us):4.2f} TB/s)"  # noqa: E731
         print(f"{name:<16} {cell(t_bf16):>17} {cell(t_fp8):>17} {t_fp8 / t_bf16:8.3f} {cell(t_paged[0]):>17} "
-              f"{cell(t_paged[1]):>17} {t_sdpa:6.1f} ({backend:>7}) {t_sdpa_q:11.1f} {t_eager:14.1f}")
+              f"{cell(t_paged[1]):>17} {t_sdpa:6.1f} ({backend:>7}) {t_sdpa_q:11.1f} {t_eager:14.1f} {t_grp:9.1f}")
         rows_out.append((name, t_bf16, t_fp8, t_paged[0], t_paged[1], t_sdpa, t_sdpa_q))
 
 

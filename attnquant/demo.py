@@ -33,7 +33,7 @@ def main():
     ref, _ = attention_ref_batched(q[:n], k[:n], v[:n], causal=True)
     fmt = quant.OutputFormat(quant.FP8_STATIC, torch.float8_e4m3fn, scale=scale)
     deq = quant.dequantize(out[:n], fmt)
-    ref_q = quant.dequantize(quant.quantize(ref.float(), fmt), fmt)
+    ref_q = quant.dequantize(quant.quantize(ref.float(), fmt)[0], fmt)
     rel = lambda x: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
     print(f"relative error vs float64 reference: fused FP8 {rel(deq):.3e}  "
           f"(the FP8 rounding of the exact output alone: {rel(ref_q):.3e})")

@@ -37,27 +37,31 @@ def signature(fn, pointers, constexprs):
     return sig
 
 
-def forward_variant(out="*bf16", kind=0, group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
+def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
                     paged=False, page=1, block_ptr=False, varlen=False, window=(False, True), softcap=False):
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": out, "Lse": "*fp32", "OutScale": "*fp32",
-            "BlockTable": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqUsedK": "*i32"}
+            "BlockScale": "*fp32", "BlockTable": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqUsedK": "*i32"}
     c = dict(GROUP=group, DV=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv,
              VARLEN_Q=varlen, VARLEN_K=varlen, HAS_SEQUSED=paged, PAGED=paged, PAGE_SIZE=page, BLOCK_PTR=block_ptr,
              WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, STORE_LSE=True,
-             OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0, FP8_MANT=3, FP8_EMIN=-6, EMULATE_FP8_ROUNDING=False)
+             OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0, FP8_MANT=3, FP8_EMIN=-6, EMULATE_FP8_ROUNDING=False,
+             GROUP_SIZE=group_size, UE8M0=ue8m0)
     src = ASTSource(fn=attn_fwd_kernel, signature=signature(attn_fwd_kernel, ptrs, c), constexprs=c)
     return src, dict(num_warps=warps, num_stages=stages)
 
 
-def combine_variant(out="*fp8e4nv", kind=1):
-    ptrs = {"OPart": "*fp32", "LsePart": "*fp32", "Out": out, "Lse": "*fp32", "OutScale": "*fp32"}
+def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False):
+    ptrs = {"OPart": "*fp32", "LsePart": "*fp32", "Out": out, "Lse": "*fp32", "OutScale": "*fp32",
+            "BlockScale": "*fp32"}
     c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, FP8_MANT=3, FP8_EMIN=-6,
-             EMULATE_FP8_ROUNDING=False)
+             EMULATE_FP8_ROUNDING=False, GROUP_SIZE=group_size, UE8M0=ue8m0)
     return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
 
 
 VARIANTS = {
     "prefill d128 causal, fp8 out": forward_variant(out="*fp8e4nv", kind=1),
+    "prefill d128 causal, group fp8 (G=64, ue8m0)": forward_variant(out="*fp8e4nv", kind=2, group_size=64,
+                                                                    ue8m0=True),
     "prefill d192-128 mqa (two dots), bf16 out": forward_variant(group=16, db=64),
     "varlen d64 window+softcap, e5m2 out": forward_variant(out="*fp8e5", kind=1, da=64, dv=64, varlen=True,
                                                            window=(True, True), softcap=True),
@@ -68,6 +72,7 @@ VARIANTS = {
     "decode paged, page 64 (block pointers)": forward_variant(out="*fp32", group=16, bm=16, bn=64, warps=4,
                                                               stages=5, paged=True, page=64, block_ptr=True),
     "split combine, fp8 out": combine_variant(),
+    "split combine, group fp8 (G=128)": combine_variant(kind=2, group_size=128),
 }
 
 

@@ -19,17 +19,42 @@ def randn(*shape, dtype=torch.float16, scale=1.0):
 
 
 def make_format(kind, in_dtype, ref_o):
-    """kind: 'plain' | fp8 dtype. The static scale puts max|O| near the middle of the FP8 range."""
+    """kind: 'plain' | fp8 dtype (static scale) | 'group' | 'group_ue8m0'. The static scale puts max|O| near the middle of the FP8 range."""
     if kind == "plain":
         return quant.OutputFormat(quant.PLAIN, in_dtype)
+    if kind in ("group", "group_ue8m0"):  # per-token-group FP8 with DeepGEMM-style column-major scales
+        *tokens, h, dv = ref_o.shape
+        return group_format(torch.float8_e4m3fn, tuple(tokens), h, dv, 64 if dv % 64 == 0 else 16,
+                            ue8m0=kind == "group_ue8m0", layout="colmajor_tma" if kind == "group" else "flat")
     amax = ref_o.abs().max().clamp_min(1e-6)
     scale = (amax / (quant.fp8_max(kind) / 4)).float().reshape(())
     return quant.OutputFormat(quant.FP8_STATIC, kind, scale=scale)
 
 
+def group_format(dtype, token_shape, h, dv, group, ue8m0=False, layout="flat"):
+    """A per-group FP8 format whose scale tensor (filled with NaN: every used entry must be
+    written) has one of the layouts users pass: 'flat' (..., H*Dv/G) row-major, 'heads'
+    (..., H, Dv/G), 'colmajor' (DeepGEMM: token stride 1), 'colmajor_tma' (token stride
+    padded to a multiple of 4)."""
+    cols = h * dv // group
+    t = math.prod(token_shape)
+    if layout == "flat":
+        bs = torch.empty(*token_shape, cols, device=DEVICE)
+    elif layout == "heads":
+        bs = torch.empty(*token_shape, h, dv // group, device=DEVICE)
+    else:
+        pad = -(-t // 4) * 4 if layout == "colmajor_tma" else t
+        bs = torch.empty(cols, pad, device=DEVICE)[:, :t].t().reshape(*token_shape, cols)
+        assert bs.stride(-1) == pad or t == 1
+    bs.fill_(float("nan"))
+    return quant.OutputFormat(quant.FP8_GROUP, dtype, block_scale=bs, group_size=group, ue8m0=ue8m0)
+
+
 def format_kwargs(fmt):
     if fmt.kind == quant.PLAIN:
         return dict(out_dtype=fmt.dtype)
+    if fmt.kind == quant.FP8_GROUP:
+        return dict(out_dtype=fmt.dtype, output_block_scale=fmt.block_scale, ue8m0=fmt.ue8m0)
     return dict(out_dtype=fmt.dtype, output_scale=fmt.scale)
 
 
@@ -38,21 +63,42 @@ def _top_step(fmt, ref):
     amax = ref.abs().max().item()
     if fmt.kind == quant.PLAIN:
         return torch.finfo(fmt.dtype).eps * 2.0 ** math.floor(math.log2(max(amax, 1e-30)))
-    s = fmt.scale.item()
+    if fmt.kind == quant.FP8_GROUP:  # the largest group's scale: amax / fp8_max (x2 at most with ue8m0)
+        s = 2 * amax / quant.fp8_max(fmt.dtype)
+    else:
+        s = fmt.scale.item()
     a = min(amax / s, quant.fp8_max(fmt.dtype))
     mant = 3 if fmt.dtype == torch.float8_e4m3fn else 2
     return 2.0 ** (math.floor(math.log2(max(a, 1e-30))) - mant) * s
 
 
+def logical_block_scale(fmt, out):
+    """The kernel-written per-group scales viewed as (..., H, Dv // G)."""
+    bs = fmt.block_scale
+    return bs if bs.dim() == out.dim() else bs.unflatten(-1, (out.shape[-2], -1))
+
+
 def check_output(out, fmt, ref_o, eager_o, softcap=0.0, what=""):
     """SPEC.md: after dequantization the kernel's error is at most a small multiple (2x, 3x
     with softcap) of an eager implementation's error quantized the same way, plus one step
-    of the format at the largest magnitudes."""
+    of the format at the largest magnitudes. Per-group scales: within 1% of the reference
+    quantizer's (exact powers of two with ue8m0, but for amax on a power-of-two boundary)."""
     assert out.dtype == fmt.dtype, (out.dtype, fmt.dtype)
     assert out.shape == ref_o.shape, (out.shape, ref_o.shape)
-    deq = quant.dequantize(out, fmt)
+    kernel_scales = logical_block_scale(fmt, out) if fmt.kind == quant.FP8_GROUP else None
+    deq = quant.dequantize(out, fmt, kernel_scales)
     assert torch.isfinite(deq).all(), f"{what}: non-finite output"
-    eager = quant.dequantize(quant.quantize(eager_o.float(), fmt), fmt)
+    eager_q, eager_scales = quant.quantize(eager_o.float(), fmt)
+    eager = quant.dequantize(eager_q, fmt, eager_scales)
+    if fmt.kind == quant.FP8_GROUP:
+        _, ref_scales = quant.quantize(ref_o.float(), fmt)
+        rel = (kernel_scales.double() / ref_scales.double() - 1).abs()
+        if fmt.ue8m0:  # powers of two, equal unless amax sits within rounding of a boundary
+            k = kernel_scales.double()
+            assert torch.equal(k, torch.exp2(torch.round(torch.log2(k)))), f"{what}: ue8m0 scale not a power of 2"
+            assert (rel > 0).float().mean() < 0.01 and rel.max() <= 1.0 + 1e-9, f"{what}: ue8m0 scales differ"
+        else:
+            assert rel.max() < 0.01, f"{what}: group scales off by {rel.max().item():.3e}"
     err = (deq - ref_o).abs()
     err_eager = (eager - ref_o).abs()
     mult = 3.0 if softcap > 0 else 2.0

@@ -161,3 +161,43 @@ def test_torch_compile_fullgraph():
     assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
     ref_o, _ = attention_ref_batched(q, k, v, causal=True)
     assert ((out_c.double() - ref_o).abs().max() < 0.1 * ref_o.abs().max())
+
+
+GROUP_LAYOUTS = ["flat", "heads", "colmajor", "colmajor_tma"]
+
+
+@pytest.mark.parametrize("layout", GROUP_LAYOUTS)
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_fp8(dtype, causal, ue8m0, layout):
+    """Per-token-group FP8 (DeepSeek-style): scales written through any strides, UE8M0 or not."""
+    from .helpers import group_format
+
+    b, sq, sk = SIZES
+    h, hkv, d = 4, 2, 128
+    q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    ref_o, ref_lse = attention_ref_batched(q, k, v, causal=causal)
+    eager_o, _ = attention_ref_batched(q, k, v, causal=causal, eager_dtype=dtype)
+    fmt = group_format(torch.float8_e4m3fn, (b, sq), h, d, 64, ue8m0, layout)
+    out, lse = aq.flash_attn_func(q, k, v, causal=causal, return_lse=True, **format_kwargs(fmt))
+    check_output(out, fmt, ref_o, eager_o, what=f"group {layout} ue8m0={ue8m0}")
+    check_lse(lse, ref_lse)
+
+
+@pytest.mark.parametrize("dims,group", [((64, 64), 16), ((96, 96), 32), ((192, 128), 128), ((256, 256), 128)],
+                         ids=str)
+@pytest.mark.parametrize("fp8", FP8, ids=str)
+def test_group_fp8_head_dims(dims, group, fp8):
+    """Group sizes 16..128, e5m2, and Dv = 96 (three real groups in a 128-wide padded tile)."""
+    from .helpers import group_format
+
+    b, sq, sk = SIZES
+    dtype = DTYPES[0]
+    (d, dv), h = dims, 4
+    q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sk, 1, d, dtype=dtype), randn(b, sk, 1, dv, dtype=dtype)
+    ref_o, _ = attention_ref_batched(q, k, v, causal=True)
+    eager_o, _ = attention_ref_batched(q, k, v, causal=True, eager_dtype=dtype)
+    fmt = group_format(fp8, (b, sq), h, dv, group, layout="heads")
+    out, _ = aq.flash_attn_func(q, k, v, causal=True, **format_kwargs(fmt))
+    check_output(out, fmt, ref_o, eager_o, what=f"group G={group} {dims} {fp8}")

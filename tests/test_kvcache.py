@@ -34,7 +34,7 @@ def decode_inputs(dtype, sq, heads, dims=(128, 128), lens=LENS):
     return q, kc, vc, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("kind", ["plain"] + FP8, ids=str)
+@pytest.mark.parametrize("kind", ["plain"] + FP8 + ["group", "group_ue8m0"], ids=str)
 @pytest.mark.parametrize("num_splits", [1, 4, 0])
 @pytest.mark.parametrize("sq", [1, 2, 4])
 @pytest.mark.parametrize("heads", [(8, 1), (4, 4)], ids=["gqa8", "mha"])
@@ -52,7 +52,7 @@ def test_kvcache_contiguous(heads, sq, num_splits, kind):
 
 @pytest.mark.parametrize("page", PAGES)
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn, "group"], ids=str)
 def test_paged_bit_identical_to_contiguous(page, num_splits, kind):
     """Same tile config and split count: the paged address path computes exactly what the
     contiguous one does. (By default the two may pick different tiles, see config.py.)"""
@@ -68,9 +68,12 @@ def test_paged_bit_identical_to_contiguous(page, num_splits, kind):
     cfg = forward_config(64, 64, 2 * 4, not ON_GPU, page)  # the paged path's default tile
     kw = dict(num_splits=num_splits, return_lse=True, _config=cfg, **format_kwargs(fmt))
     a, la = aq.flash_attn_with_kvcache(q, kc, vc, lens, **kw)
+    scales_a = None if fmt.block_scale is None else fmt.block_scale.clone()
     b, lb = aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt, **kw)
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     assert torch.equal(la, lb)
+    if scales_a is not None:  # the per-group scales too (written again by the paged call)
+        assert torch.equal(scales_a, fmt.block_scale)
     eager_o, _ = attention_ref_kvcache(q, kp, vp, lens, block_table=bt, causal=True, eager_dtype=dtype)
     check_output(b, fmt, ref_o, eager_o)
 

@@ -211,10 +211,35 @@ def test_kvcache_rejected(name, paged, edit, exc, msg):
     assert (out == 5).all()
 
 
-@pytest.mark.parametrize("which", ["nvfp4", "group_fp8"])
-def test_later_formats_not_implemented(which):
-    """Per-group FP8 and NVFP4 are later issues: they are refused loudly, never half-written."""
+GROUP_CASES = [  # q is (2, 8, 4, 64): H * Dv = 256
+    ("scale dtype", dict(output_block_scale=torch.empty(2, 8, 4, dtype=torch.float16)), ValueError, "float32"),
+    ("token dims", dict(output_block_scale=torch.empty(2, 7, 4)), ValueError, "shape"),
+    ("G not dividing Dv", dict(output_block_scale=torch.empty(2, 8, 5)), ValueError, "output_block_scale"),
+    ("G = 8 < 16", dict(output_block_scale=torch.empty(2, 8, 32)), ValueError, "G=8"),
+    ("G = 48 not a power of two", dict(output_block_scale=torch.empty(2, 8, 4, 3)), ValueError, "shape"),
+    ("heads dim", dict(output_block_scale=torch.empty(2, 8, 3, 1)), ValueError, "shape"),
+    ("rank", dict(output_block_scale=torch.empty(16, 4)), ValueError, "shape"),
+    ("bf16 out with block scale", dict(output_block_scale=torch.empty(2, 8, 4), out_dtype=DT), ValueError,
+     "output_block_scale"),
+    ("python list", dict(output_block_scale=[1.0]), TypeError, "output_block_scale"),
+]
+
+
+@pytest.mark.parametrize("name,kw,exc,msg", GROUP_CASES, ids=[c[0] for c in GROUP_CASES])
+def test_group_scale_rejected(name, kw, exc, msg):
     q, k, v = qkv()
-    kw = dict(out_dtype="nvfp4") if which == "nvfp4" else dict(output_block_scale=torch.empty(2, 8, 4, device=DEVICE))
+    kw = {key: (val.to(DEVICE) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    out = sentinel_out(torch.float8_e4m3fn)
+    before = out.clone()
+    with pytest.raises(exc, match=msg):
+        aq.flash_attn_func(q, k, v, out=out if "out_dtype" not in kw else None, **kw)
+    assert torch.equal(out.float(), before.float())
+
+
+@pytest.mark.parametrize("which", ["nvfp4"])
+def test_later_formats_not_implemented(which):
+    """NVFP4 is a later issue: refused loudly, never half-written."""
+    q, k, v = qkv()
+    kw = dict(out_dtype="nvfp4")
     with pytest.raises(NotImplementedError):
         aq.flash_attn_func(q, k, v, **kw)

@@ -16,16 +16,17 @@ from .epilogue import store_output
 
 @triton.jit(do_not_specialize=["num_rows", "tokens_per_batch", "num_splits"])
 def combine_kernel(
-    OPart, LsePart, Out, Lse, OutScale,
+    OPart, LsePart, Out, Lse, OutScale, BlockScale,
     num_rows, num_heads, tokens_per_batch, num_splits,
     stride_op_split, stride_op_tok, stride_op_head,
     stride_lp_split, stride_lp_tok, stride_lp_head,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_ls, stride_lh,
+    stride_bsb, stride_bss, stride_bsh, stride_bsg,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
     STORE_LSE: tl.constexpr,
     OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-    EMULATE_FP8_ROUNDING: tl.constexpr,
+    EMULATE_FP8_ROUNDING: tl.constexpr, GROUP_SIZE: tl.constexpr, UE8M0: tl.constexpr,
 ):
     # Rows are (token, head) pairs; tokens run over batch * seqlen (or total_q).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -53,8 +54,9 @@ def combine_kernel(
     b = tok // tokens_per_batch
     t = tok % tokens_per_batch
     o_rows = Out + b * stride_ob + t * stride_os + head * stride_oh
-    store_output(acc, inv, o_rows[:, None] + offs_dv[None, :], o_mask, OutScale,
-                 OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING)
+    bs_rows = b * stride_bsb + t * stride_bss + head * stride_bsh
+    store_output(acc, inv, o_rows, offs_dv, row_ok, OutScale, BlockScale, bs_rows, stride_bsg,
+                 DV, OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING, GROUP_SIZE, UE8M0)
     if STORE_LSE:
         lse = tl.where(seen, m_use + tl.log(tl.where(seen, denom, 1.0)), float("-inf"))
         tl.store(Lse + b * stride_lb + t * stride_ls + head * stride_lh, lse, mask=row_ok)

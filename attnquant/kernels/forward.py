@@ -168,12 +168,13 @@ def _attn_block_range(
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_splits", "window_left", "window_right"])
 def attn_fwd_kernel(
-    Q, K, V, Out, Lse, OutScale, BlockTable, CuSeqlensQ, CuSeqlensK, SeqUsedK,
+    Q, K, V, Out, Lse, OutScale, BlockScale, BlockTable, CuSeqlensQ, CuSeqlensK, SeqUsedK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_o_split, stride_ob, stride_os, stride_oh,
     stride_l_split, stride_lb, stride_lh, stride_ls,
+    stride_bsb, stride_bss, stride_bsh, stride_bsg,
     stride_bt,
     seqlen_q, seqlen_k, num_heads_kv, num_splits,
     qk_scale, softcap_in, softcap_out, window_left, window_right,
@@ -185,7 +186,7 @@ def attn_fwd_kernel(
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
     OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-    EMULATE_FP8_ROUNDING: tl.constexpr,
+    EMULATE_FP8_ROUNDING: tl.constexpr, GROUP_SIZE: tl.constexpr, UE8M0: tl.constexpr,
 ):
     # Grid (m-tiles, batch * kv-heads, splits), started x-fastest: the tiles of one KV head
     # run together (its K/V stays in L2), each head's last m-tiles (under a causal mask
@@ -298,9 +299,9 @@ def attn_fwd_kernel(
     tok = (q_start + pos).to(tl.int64)
     o_rows = Out + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob \
         + tok * stride_os + head.to(tl.int64) * stride_oh
-    o_mask = row_ok[:, None] & (offs_dv < DV)[None, :]
-    store_output(acc, inv_l, o_rows[:, None] + offs_dv[None, :], o_mask, OutScale,
-                 OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING)
+    bs_rows = b.to(tl.int64) * stride_bsb + tok * stride_bss + head.to(tl.int64) * stride_bsh
+    store_output(acc, inv_l, o_rows, offs_dv, row_ok, OutScale, BlockScale, bs_rows, stride_bsg,
+                 DV, OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING, GROUP_SIZE, UE8M0)
     if STORE_LSE:
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
         l_ptrs = Lse + split.to(tl.int64) * stride_l_split + b.to(tl.int64) * stride_lb \
