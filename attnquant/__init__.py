@@ -12,7 +12,7 @@ import torch as _torch
 if not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .api import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
+from .api import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, merge_attn_states  # noqa: E402
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "merge_attn_states"]
 __version__ = "0.1.0"

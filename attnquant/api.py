@@ -279,6 +279,16 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
     return out, lse
 
 
+def _format_from_op_args(out, output_scale, output_block_scale, group) -> quant.OutputFormat:
+    """Rebuild the validated OutputFormat inside an op from its tensor / int-list arguments."""
+    if output_block_scale is not None:
+        return quant.OutputFormat(quant.FP8_GROUP, out.dtype, block_scale=output_block_scale, group_size=group[0],
+                                  ue8m0=bool(group[1]), block_scale_strides=tuple(group[2:6]))
+    if output_scale is not None:
+        return quant.OutputFormat(quant.FP8_STATIC, out.dtype, scale=output_scale)
+    return quant.OutputFormat(quant.PLAIN, out.dtype)
+
+
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor],
          output_scale: Optional[torch.Tensor], output_block_scale: Optional[torch.Tensor],
          block_table: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
@@ -289,13 +299,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, l
     the per-group scales). tile: (block_m, block_n, warps, stages, block_ptr); group:
     (G, ue8m0, block-scale strides per batch, token, head, group)."""
     p = _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
-    if output_block_scale is not None:
-        fmt = quant.OutputFormat(quant.FP8_GROUP, out.dtype, block_scale=output_block_scale, group_size=group[0],
-                                 ue8m0=bool(group[1]), block_scale_strides=tuple(group[2:6]))
-    elif output_scale is not None:
-        fmt = quant.OutputFormat(quant.FP8_STATIC, out.dtype, scale=output_scale)
-    else:
-        fmt = quant.OutputFormat(quant.PLAIN, out.dtype)
+    fmt = _format_from_op_args(out, output_scale, output_block_scale, group)
     cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
     _launch_kernels(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, cfg)
 
@@ -362,20 +366,35 @@ def _launch_kernels(p: _Problem, fmt: quant.OutputFormat, out, lse, num_splits, 
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if split:
-            rows = p.num_tokens * p.num_heads
-            block_r = 16
             ob, os_, oh = _token_strides(out, p.varlen)
             lb, lh, ls = _lse_strides(lse, p.varlen) if lse is not None else (0, 0, 0)
-            combine_kernel[(triton.cdiv(rows, block_r),)](
-                o_buf, l_buf, out, lse if lse is not None else dummy, out_scale, block_scale,
-                rows, p.num_heads, p.num_tokens if p.varlen else p.max_seqlen_q, num_splits,
-                o_buf.stride(0), o_buf.stride(1), o_buf.stride(2),
-                l_buf.stride(0), l_buf.stride(1), l_buf.stride(2),
-                ob, os_, oh, lb, ls, lh, *fmt.block_scale_strides,
-                DV=p.head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv, STORE_LSE=lse is not None,
-                **_epilogue_constexprs(fmt),
-                num_warps=4,
-            )
+            _launch_combine(
+                (o_buf, o_buf.stride(0), o_buf.stride(1), o_buf.stride(2)),
+                (l_buf, l_buf.stride(0), l_buf.stride(1), l_buf.stride(2)), num_splits, None,
+                out, (ob, os_, oh), lse, (lb, ls, lh), p.num_tokens, p.num_heads,
+                p.num_tokens if p.varlen else p.max_seqlen_q, p.head_dim_v, fmt)
+
+
+def _launch_combine(parts, parts_lse, num_splits, suffix, out, out_strides, lse, lse_strides, num_tokens,
+                    num_heads, tokens_per_batch, head_dim_v, fmt: quant.OutputFormat):
+    """Merge `num_splits` partials (tensor, split/token/head strides) plus an optional suffix
+    ((out, token, head strides), (lse, token, head strides)) into `out` in format `fmt`."""
+    dummy = parts[0]
+    rows = num_tokens * num_heads
+    block_r = 16
+    (so, so_t, so_h), (sl, sl_t, sl_h) = suffix if suffix is not None else ((dummy, 0, 0), (dummy, 0, 0))
+    combine_kernel[(triton.cdiv(rows, block_r),)](
+        parts[0], parts_lse[0], so, sl, out, lse if lse is not None else dummy,
+        fmt.scale if fmt.scale is not None else dummy,
+        fmt.block_scale if fmt.block_scale is not None else dummy,
+        rows, num_heads, tokens_per_batch, num_splits,
+        *parts[1:], *parts_lse[1:], so_t, so_h, sl_t, sl_h,
+        *out_strides, *lse_strides, *fmt.block_scale_strides,
+        DV=head_dim_v, BLOCK_R=block_r, BLOCK_DV=max(16, next_pow2(head_dim_v)),
+        HAS_SUFFIX=suffix is not None, STORE_LSE=lse is not None,
+        **_epilogue_constexprs(fmt),
+        num_warps=4,
+    )
 
 
 class _nullcontext:
@@ -501,3 +520,74 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None
     fmt = _resolve(p, out, out_dtype, output_scale, output_block_scale, ue8m0)
     out = _prepare_out(p, fmt, out)
     return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
+
+
+def _merge(prefix_out: torch.Tensor, prefix_lse: torch.Tensor, suffix_out: torch.Tensor, suffix_lse: torch.Tensor,
+           out: torch.Tensor, lse: Optional[torch.Tensor], output_scale: Optional[torch.Tensor],
+           output_block_scale: Optional[torch.Tensor], group: List[int]) -> None:
+    """merge_attn_states as a torch op: writes out, lse and the per-group scales."""
+    fmt = _format_from_op_args(out, output_scale, output_block_scale, group)
+    t, h, dv = prefix_out.shape
+    with torch.cuda.device(out.device) if out.device.type == "cuda" else _nullcontext():
+        _launch_combine(
+            (prefix_out, 0, prefix_out.stride(0), prefix_out.stride(1)),
+            (prefix_lse, 0, prefix_lse.stride(1), prefix_lse.stride(0)), 1,
+            ((suffix_out, suffix_out.stride(0), suffix_out.stride(1)),
+             (suffix_lse, suffix_lse.stride(1), suffix_lse.stride(0))),
+            out, (0, out.stride(0), out.stride(1)), lse,
+            (0, lse.stride(1), lse.stride(0)) if lse is not None else (0, 0, 0),
+            t, h, max(t, 1), dv, fmt)
+
+
+_merge_op = torch.library.custom_op("attnquant::merge", mutates_args=("out", "lse", "output_block_scale"))(_merge)
+
+
+@_merge_op.register_fake
+def _merge_op_fake(prefix_out, prefix_lse, suffix_out, suffix_lse, out, lse, output_scale, output_block_scale,
+                   group):
+    return None
+
+
+def merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, return_lse=False, out=None, out_dtype=None,
+                      output_scale=None, output_block_scale=None, ue8m0=False):
+    """Merge two partial attentions over disjoint key sets by their LSEs (vLLM layout):
+    outputs (T, H, Dv) in bf16/fp16/fp32, LSEs (H, T) float32. The merged output is
+    quantized like the forward's (SPEC.md, "Output formats"). Returns (out (T, H, Dv),
+    lse (H, T) or None). A row neither part saw (both LSEs -inf) gives 0 and LSE -inf."""
+    _check_tensor("prefix_out", prefix_out, 3, quant.PLAIN_DTYPES)
+    _check_tensor("suffix_out", suffix_out, 3, quant.PLAIN_DTYPES)
+    _check_tensor("prefix_lse", prefix_lse, 2, (torch.float32,))
+    _check_tensor("suffix_lse", suffix_lse, 2, (torch.float32,))
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    device = prefix_out.device
+    for name, t in (("suffix_out", suffix_out), ("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but prefix_out is on {device}")
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise ValueError(f"prefix_out is on {device}: attnquant runs on CUDA tensors")
+    if suffix_out.shape != prefix_out.shape or suffix_out.dtype != prefix_out.dtype:
+        raise ValueError(f"suffix_out {tuple(suffix_out.shape)} {suffix_out.dtype} must match prefix_out "
+                         f"{tuple(prefix_out.shape)} {prefix_out.dtype}")
+    t, h, dv = prefix_out.shape
+    for name, x in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)):
+        if tuple(x.shape) != (h, t):
+            raise ValueError(f"{name} must have shape (H, T) = {(h, t)}, got {tuple(x.shape)}")
+    for name, x in (("prefix_out", prefix_out), ("suffix_out", suffix_out)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    if not 1 <= dv <= 256:
+        raise ValueError(f"the head dim {dv} of prefix_out is unsupported: expected at most 256")
+    fmt = quant.resolve_output_format(prefix_out.dtype, device, out, out_dtype, output_scale, output_block_scale,
+                                      ue8m0, (t,), h, dv)
+    if out is None:
+        out = torch.empty((t, h, dv), dtype=fmt.dtype, device=device)
+    elif tuple(out.shape) != (t, h, dv) or out.device != device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a ({t}, {h}, {dv}) tensor on {device}, contiguous in its last dimension")
+    lse = torch.empty((h, t), dtype=torch.float32, device=device) if return_lse else None
+    if out.numel() == 0:
+        return out, lse
+    run = torch.ops.attnquant.merge if torch.compiler.is_compiling() else _merge
+    run(prefix_out, prefix_lse, suffix_out, suffix_lse, out, lse, fmt.scale, fmt.block_scale,
+        [fmt.group_size, int(fmt.ue8m0), *fmt.block_scale_strides])
+    return out, lse

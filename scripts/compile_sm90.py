@@ -50,10 +50,10 @@ def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, group=1, da=
     return src, dict(num_warps=warps, num_stages=stages)
 
 
-def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False):
-    ptrs = {"OPart": "*fp32", "LsePart": "*fp32", "Out": out, "Lse": "*fp32", "OutScale": "*fp32",
-            "BlockScale": "*fp32"}
-    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, FP8_MANT=3, FP8_EMIN=-6,
+def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*fp32", suffix=False):
+    ptrs = {"OPart": parts, "LsePart": "*fp32", "OSuffix": parts, "LseSuffix": "*fp32", "Out": out, "Lse": "*fp32",
+            "OutScale": "*fp32", "BlockScale": "*fp32"}
+    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, HAS_SUFFIX=suffix, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, FP8_MANT=3, FP8_EMIN=-6,
              EMULATE_FP8_ROUNDING=False, GROUP_SIZE=group_size, UE8M0=ue8m0)
     return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
 
@@ -73,6 +73,7 @@ VARIANTS = {
                                                               stages=5, paged=True, page=64, block_ptr=True),
     "split combine, fp8 out": combine_variant(),
     "split combine, group fp8 (G=128)": combine_variant(kind=2, group_size=128),
+    "merge_attn_states, bf16 parts, fp8 out": combine_variant(parts="*bf16", suffix=True),
 }
 
 
