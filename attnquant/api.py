@@ -1,10 +1,13 @@
 """Public entry points: validate -> output format and allocation -> tile config -> launch
 -> (split-KV) combine.
 
-All three entry points describe their inputs as one `_Problem` (strides per
+The three attention entry points describe their inputs as one `_Problem` (strides per
 (batch, token, head), optional cu_seqlens / seqused / block table) and share
-`_launch`. Nothing here reads a device value on the host: no synchronization, so
-the calls are safe under CUDA-graph capture.
+`_forward`; merge_attn_states runs the combine kernel alone. The launches sit in
+functions registered as torch ops (attnquant::fwd, attnquant::merge) so that
+torch.compile(fullgraph=True) sees them as opaque calls; eager calls skip the op
+dispatcher. Nothing here reads a device value on the host: no synchronization, so the
+calls are safe under CUDA-graph capture.
 """
 
 from __future__ import annotations

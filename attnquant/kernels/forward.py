@@ -6,9 +6,11 @@ query head kv_head * GROUP + r % GROUP, so the GROUP heads sharing a KV head sha
 every K/V load (decode with few query tokens still fills a tile).
 
 Variants, all constexpr: varlen q/k (cu_seqlens), seqused_k, paged K/V (block
-table), window left/right bounds (causal = right bound 0), softcap, split-KV
-(program_id(2) takes a contiguous share of the key blocks and writes float32
-partials + LSE for the combine kernel), and the output epilogue (OUT_KIND).
+table), K/V address mode (block pointers or pointer tensors), window left/right
+bounds (causal = right bound 0), softcap, and the output epilogue (OUT_KIND).
+Split-KV needs no variant: program_id(2) takes a contiguous share of the key blocks,
+and the host passes a float32 workspace as Out (plain epilogue + LSE) for the
+combine kernel, which quantizes after the merge.
 
 Masking follows Triton's fused-attention tutorial: the key blocks of a tile split
 into at most three ranges - masked blocks before the fully visible ones (window
