@@ -72,7 +72,7 @@ def _sdpa(q, k, v, causal):
     return None, "none"
 
 
-def prefill_table(rows_out):
+def prefill_table():
     quant = _quant_fn()
     print(f"\n{'prefill shape':<18} {'ours bf16':>16} {'ours fused fp8':>16} {'fp8/bf16':>8} "
           f"{'SDPA bf16':>22} {'SDPA+quant':>16} {'ours/SDPA':>9} {'group fp8':>9} {'grp/bf16':>8}")
@@ -97,20 +97,21 @@ def prefill_table(rows_out):
         print(f"{name:<18} {t_bf16:7.0f} ({tf(t_bf16):4.0f} TF) {t_fp8:7.0f} ({tf(t_fp8):4.0f} TF) "
               f"{t_fp8 / t_bf16:8.3f} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:16.0f} "
               f"{tf(t_fp8) / tf(t_sdpa):9.2f} {t_grp:9.0f} {t_grp / t_bf16:8.3f}")
-        rows_out.append((name, t_bf16, t_fp8, t_sdpa, t_sdpa_q))
-        del q, k, v
 
 
-def _paged(cache, page):
-    b, sk = cache.shape[:2]
+def _paged(kc, vc, page):
+    """The contiguous caches scattered into shuffled pages: (k pages, v pages, block table)."""
+    b, sk, hkv, d = kc.shape
     nb = sk // page
-    perm = torch.randperm(b * nb, device=cache.device)
-    paged = torch.empty(b * nb, page, *cache.shape[2:], dtype=cache.dtype, device=cache.device)
-    paged[perm] = cache.reshape(b * nb, page, *cache.shape[2:])
-    return paged, perm.reshape(b, nb).to(torch.int32)
+    perm = torch.randperm(b * nb, device=kc.device)
+    kp = torch.empty(b * nb, page, hkv, d, dtype=kc.dtype, device=kc.device)
+    vp = torch.empty_like(kp)
+    kp[perm] = kc.reshape(b * nb, page, hkv, d)
+    vp[perm] = vc.reshape(b * nb, page, hkv, d)
+    return kp, vp, perm.reshape(b, nb).to(torch.int32)
 
 
-def decode_table(rows_out, num_splits=0):
+def decode_table(num_splits=0):
     quant = _quant_fn()
     print("\ndecode, CUDA-graph replays (µs, TB/s of K+V); 'eager' = launched from Python")
     print(f"{'decode shape':<16} {'ours bf16':>17} {'ours fused fp8':>17} {'fp8/bf16':>8} {'paged16 fp8':>17} "
@@ -132,19 +133,15 @@ def decode_table(rows_out, num_splits=0):
         t_grp = bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_block_scale=bscale, **kw))
         t_paged = []
         for page in (16, 64):
-            kp, bt = _paged(kc, page)
-            vp = torch.empty_like(kp)
-            vp[bt.flatten().long()] = vc.reshape(-1, page, hkv, d)
+            kp, vp, bt = _paged(kc, vc, page)
             t_paged.append(bench_graph(lambda: aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt,
                                                                           output_scale=scale, **kw)))
-            del kp, vp
         sdpa, backend = _sdpa(q, kc, vc, False)
         t_sdpa = bench_graph(sdpa) if sdpa else float("nan")
         t_sdpa_q = bench_graph(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
         cell = lambda us: f"{us:6.1f} ({tbs(us):4.2f} TB/s)"  # noqa: E731
         print(f"{name:<16} {cell(t_bf16):>17} {cell(t_fp8):>17} {t_fp8 / t_bf16:8.3f} {cell(t_paged[0]):>17} "
               f"{cell(t_paged[1]):>17} {t_sdpa:6.1f} ({backend:>7}) {t_sdpa_q:11.1f} {t_eager:14.1f} {t_grp:9.1f}")
-        rows_out.append((name, t_bf16, t_fp8, t_paged[0], t_paged[1], t_sdpa, t_sdpa_q))
 
 
 SWEEP_PREFILL = [FwdConfig(128, 64, 8, 3, False), FwdConfig(128, 64, 8, 3, True), FwdConfig(128, 128, 8, 3, True),
@@ -182,9 +179,7 @@ def sweep():
         print(f"  {name:<14} heuristic: {t:6.1f}")
         for page, cfgs in ((16, (FwdConfig(16, 128, 4, 3), FwdConfig(16, 64, 4, 4))),
                            (64, (FwdConfig(16, 64, 4, 5, True), FwdConfig(16, 64, 4, 4, True)))):
-            kp, bt = _paged(kc, page)
-            vp = torch.empty_like(kp)
-            vp[bt.flatten().long()] = vc.reshape(-1, page, hkv, d)
+            kp, vp, bt = _paged(kc, vc, page)
             for cfg in cfgs:
                 res = [bench_graph(lambda: aq.flash_attn_with_kvcache(q, kp, vp, lens, block_table=bt,
                                                                       output_scale=scale, num_splits=ns,
@@ -205,9 +200,8 @@ def main(argv=None):
     if args.sweep:
         sweep()
         return
-    rows = []
-    prefill_table(rows)
-    decode_table(rows)
+    prefill_table()
+    decode_table()
 
 
 if __name__ == "__main__":
