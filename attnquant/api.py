@@ -24,6 +24,7 @@ from . import quant
 from .kernels.combine import combine_kernel
 from .kernels.config import FwdConfig, forward_config, next_pow2, num_sms, num_splits_heuristic, split_head_dim
 from .kernels.forward import attn_fwd_kernel
+from .kernels.hopper import launch as hopper
 
 LOG2E = 1.4426950408889634
 
@@ -249,8 +250,14 @@ def _epilogue_constexprs(fmt: quant.OutputFormat):
 
 
 def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_scale, causal, window_size,
-             softcap, num_splits, return_lse, config: Optional[FwdConfig] = None):
-    """Host planning (tile config, split count, LSE allocation), then the registered op."""
+             softcap, num_splits, return_lse, config: Optional[FwdConfig] = None, backend: Optional[str] = "triton"):
+    """Host planning (backend, tile config, split count, LSE allocation), then the registered op.
+
+    backend: 'auto' (the Hopper Gluon kernel where it applies, else the portable one),
+    'gluon' (that kernel or a ValueError saying why not), 'triton' (the portable kernel);
+    None reads $ATTNQUANT_BACKEND (default 'auto').
+    """
+    choice = hopper.requested_backend(backend)
     group = p.num_heads // p.num_heads_kv
     left, right = window_size
     if causal:
@@ -261,6 +268,7 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
                                    p.page_size if paged else 0)
     m_tiles = triton.cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
     key_blocks = triton.cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
+    requested_splits = num_splits
     if num_splits == 0:
         device = p.q.device
         sms = 16 if interpret else num_sms(device.index if device.index is not None else torch.cuda.current_device())
@@ -268,6 +276,15 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
         num_splits = num_splits_heuristic(m_tiles * p.batch * p.num_heads_kv, p.max_seqlen_k, cfg.block_n, sms,
                                           min_blocks_per_split=8 if gather else 16)
     num_splits = max(1, min(num_splits, key_blocks))
+    use_gluon = False
+    if choice != "triton":
+        why_not = hopper.unsupported_reason(p, causal, window_size, softcap, requested_splits, interpret)
+        if choice == "gluon":
+            if why_not is not None:
+                raise ValueError(f"backend='gluon' cannot run this call: {why_not}")
+            use_gluon, num_splits = True, 1
+        else:  # auto: decode-sized tiles and calls the split heuristic splits stay portable
+            use_gluon = why_not is None and config is None and p.max_seqlen_q * group > 64 and num_splits == 1
     lse = torch.empty(p.lse_shape, dtype=torch.float32, device=p.q.device) if return_lse else None
     if p.batch == 0 or p.max_seqlen_q == 0 or p.num_heads == 0 or out.numel() == 0:
         return out, lse
@@ -277,7 +294,7 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
     run(p.q, p.k, p.v, out, lse, fmt.scale, fmt.block_scale, p.block_table, p.cu_seqlens_q, p.cu_seqlens_k,
         p.seqused_k, p.max_seqlen_q, p.max_seqlen_k, num_splits, left, right,
         p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale), float(softcap),
-        [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr)],
+        [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr), int(use_gluon)],
         [fmt.group_size, int(fmt.ue8m0), *fmt.block_scale_strides])
     return out, lse
 
@@ -299,10 +316,17 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, l
          max_seqlen_k: int, num_splits: int, window_left: int, window_right: int, softmax_scale: float,
          softcap: float, tile: List[int], group: List[int]) -> None:
     """The forward as a torch op (torch.compile sees one opaque call that writes out, lse and
-    the per-group scales). tile: (block_m, block_n, warps, stages, block_ptr); group:
+    the per-group scales). tile: (block_m, block_n, warps, stages, block_ptr, gluon); group:
     (G, ue8m0, block-scale strides per batch, token, head, group)."""
     p = _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
     fmt = _format_from_op_args(out, output_scale, output_block_scale, group)
+    # The Hopper fast path: host planning checked that it applies, except (under torch.compile)
+    # the pointers' alignment, known only here.
+    if tile[5] and hopper.aligned_for_tma(q, k, v):
+        with torch.cuda.device(q.device):
+            hopper.launch(p, fmt, out, lse, window_right == 0, softmax_scale, _epilogue_constexprs(fmt),
+                          _token_strides(out, p.varlen), _lse_strides(lse, p.varlen) if lse is not None else (0, 0, 0))
+        return
     cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
     _launch_kernels(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, cfg)
 
@@ -421,11 +445,13 @@ def _resolve(p: _Problem, out, out_dtype, output_scale, output_block_scale, ue8m
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     num_splits=0, return_lse=False, out=None, out_dtype=None, output_scale=None,
-                    output_block_scale=None, ue8m0=False, *, _config: Optional[FwdConfig] = None):
+                    output_block_scale=None, ue8m0=False, *, backend: Optional[str] = None,
+                    _config: Optional[FwdConfig] = None):
     """Attention of q (B, Sq, H, D) over k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv).
 
     Returns (out, lse): out (B, Sq, H, Dv) in the format the arguments ask for
-    (SPEC.md, "Output formats"), lse (B, H, Sq) float32 or None.
+    (SPEC.md, "Output formats"), lse (B, H, Sq) float32 or None. backend: 'auto' | 'gluon'
+    | 'triton' (None: $ATTNQUANT_BACKEND, default 'auto'), see _forward.
     """
     _check_qkv(q, k, v, 4, 4)
     _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
@@ -436,19 +462,21 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     p = _make_problem(q, k, v, sq, sk)
     fmt = _resolve(p, out, out_dtype, output_scale, output_block_scale, ue8m0)
     out = _prepare_out(p, fmt, out)
-    return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
+    return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config,
+                    backend)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None,
                            block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, num_splits=0, return_lse=False, out=None, out_dtype=None,
                            output_scale=None, output_block_scale=None, ue8m0=False, *,
-                           _config: Optional[FwdConfig] = None):
+                           backend: Optional[str] = None, _config: Optional[FwdConfig] = None):
     """Attention over packed sequences: q (total_q, H, D); k, v (total_k, Hkv, *), or paged
     caches (num_blocks, page_size, Hkv, *) with `block_table` (B, max_blocks) int32.
 
     Sequence b has queries cu_seqlens_q[b]:cu_seqlens_q[b+1] and keys from
     cu_seqlens_k (or its first seqused_k[b] keys). Returns (out (total_q, H, Dv), lse (H, total_q)).
+    backend: as for flash_attn_func.
     """
     paged = block_table is not None
     _check_qkv(q, k, v, 3, 4 if paged else 3)
@@ -488,7 +516,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                       None if paged and seqused_k is not None else cu_seqlens_k, seqused_k, block_table)
     fmt = _resolve(p, out, out_dtype, output_scale, output_block_scale, ue8m0)
     out = _prepare_out(p, fmt, out)
-    return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config)
+    return _forward(p, fmt, out, softmax_scale, causal, window_size, softcap, num_splits, return_lse, _config,
+                    backend)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None, softmax_scale=None,

@@ -3,7 +3,7 @@
     python -m attnquant.bench            # the PERF.md shapes: prefill + decode tables
     python -m attnquant.bench --sweep    # tile-config / split sweeps used to pick kernels/config.py
 
-Prefill rows report µs and TFLOP/s (2*B*H*Sq*Sk*(D+Dv), halved for causal); decode rows
+Prefill rows report µs and TFLOP/s for the Hopper Gluon kernel and the portable one (2*B*H*Sq*Sk*(D+Dv), halved for causal); decode rows
 report µs and the TB/s at which K and V are read. Times are medians of
 triton.testing.do_bench. Baselines: torch SDPA (cuDNN backend where it accepts the
 shape), and SDPA followed by a torch.compile'd static FP8 quantization of its output.
@@ -72,31 +72,46 @@ def _sdpa(q, k, v, causal):
     return None, "none"
 
 
+# FA4 (CuTe DSL) sm90 bf16-output TFLOP/s on these shapes, from ../shared/PERF.md (not measured
+# here: FA4 is not installed on the benchmark machine): issue 4's bar for the fused-FP8 kernel.
+FA4_SM90_TF = {"prefill_mla_4k": 685, "prefill_mha_4k": 575, "prefill_gqa_8k": 627, "noncausal_mha_8k": 661}
+
+
+def _prefill_inputs(b, sq, sk, h, hkv, d, dv):
+    torch.manual_seed(0)
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, sk, hkv, dv, device="cuda", dtype=torch.bfloat16)
+    return q, k, v
+
+
 def prefill_table():
     quant = _quant_fn()
-    print(f"\n{'prefill shape':<18} {'ours bf16':>16} {'ours fused fp8':>16} {'fp8/bf16':>8} "
-          f"{'SDPA bf16':>22} {'SDPA+quant':>16} {'ours/SDPA':>9} {'group fp8':>9} {'grp/bf16':>8}")
+    print("\nprefill (µs, TFLOP/s); 'gluon' = the Hopper warp-specialized kernel, 'portable' = the tl.* kernel")
+    print(f"{'prefill shape':<18} {'gluon bf16':>16} {'gluon fp8':>16} {'fp8/bf16':>8} {'gluon grp fp8':>13} "
+          f"{'grp/bf16':>8} {'portable fp8':>16} {'SDPA bf16':>22} {'SDPA+quant':>10} {'fp8/SDPA':>8} "
+          f"{'fp8/FA4':>7}")
     for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
-        torch.manual_seed(0)
-        q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, sk, hkv, dv, device="cuda", dtype=torch.bfloat16)
+        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
         scale = torch.tensor(0.02, device="cuda")
         flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
         tf = lambda us: flops / us * 1e-6  # noqa: E731
-        # bf16 and fp8 alternate over three rounds (median of each) so clock drift hits both
+        cell = lambda us: f"{us:7.0f} ({tf(us):4.0f} TF)"  # noqa: E731
         bscale = torch.empty(b, sq, h * dv // 128, device="cuda")  # per-token-group FP8, G = 128, ue8m0
-        rounds = [(bench(lambda: aq.flash_attn_func(q, k, v, causal=causal)),
-                   bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale)),
-                   bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_block_scale=bscale, ue8m0=True)))
+        g = dict(causal=causal, backend="gluon")
+        # the three outputs alternate over three rounds (median of each) so clock drift hits all
+        rounds = [(bench(lambda: aq.flash_attn_func(q, k, v, **g)),
+                   bench(lambda: aq.flash_attn_func(q, k, v, output_scale=scale, **g)),
+                   bench(lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g)))
                   for _ in range(3)]
         t_bf16, t_fp8, t_grp = (sorted(r[i] for r in rounds)[1] for i in (0, 1, 2))
+        t_port = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="triton"))
         sdpa, backend = _sdpa(q, k, v, causal)
         t_sdpa = bench(sdpa) if sdpa else float("nan")
         t_sdpa_q = bench(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
-        print(f"{name:<18} {t_bf16:7.0f} ({tf(t_bf16):4.0f} TF) {t_fp8:7.0f} ({tf(t_fp8):4.0f} TF) "
-              f"{t_fp8 / t_bf16:8.3f} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:16.0f} "
-              f"{tf(t_fp8) / tf(t_sdpa):9.2f} {t_grp:9.0f} {t_grp / t_bf16:8.3f}")
+        print(f"{name:<18} {cell(t_bf16)} {cell(t_fp8)} {t_fp8 / t_bf16:8.3f} {t_grp:13.0f} {t_grp / t_bf16:8.3f} "
+              f"{cell(t_port)} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:10.0f} "
+              f"{t_sdpa / t_fp8:8.2f} {tf(t_fp8) / FA4_SM90_TF[name]:7.2f}")
 
 
 def _paged(kc, vc, page):
@@ -190,15 +205,48 @@ def sweep():
             print(f"  {name:<14} paged{page:<3} heuristic: {t:6.1f}")
 
 
+def gluon_variants():
+    """The Gluon kernel with one feature changed or one stage left out (ABLATE: wrong results,
+    timing only): what each part costs, on the PERF.md prefill shapes (fp8 out)."""
+    from dataclasses import replace
+
+    from attnquant.kernels.hopper import launch as hopper
+
+    base_config = hopper.ws_config
+    print("\ngluon variants (µs, TFLOP/s; static fp8 out)")
+    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
+        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+        scale = torch.tensor(0.02, device="cuda")
+        flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
+        base = base_config(d, dv)
+        variants = {"default": base, "pingpong " + ("off" if base.pingpong else "on"):
+                    replace(base, pingpong=not base.pingpong),
+                    "no PV-wait fence": replace(base, pv_fence=False),
+                    "no softmax (ablate)": replace(base, ablate=1), "no PV gemm (ablate)": replace(base, ablate=2)}
+        for label, cfg in variants.items():
+            hopper.ws_config = lambda d_, dv_, cfg=cfg: cfg
+            try:
+                t = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon"))
+                print(f"  {name:<18} {label:<22} {t:7.0f} ({flops / t * 1e-6:4.0f} TF)", flush=True)
+            except Exception as e:  # noqa: BLE001 - e.g. a variant out of shared memory
+                print(f"  {name:<18} {label:<22} failed: {type(e).__name__}: {str(e)[:80]}")
+            finally:
+                hopper.ws_config = base_config
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="tile-config and split sweeps instead of the tables")
+    ap.add_argument("--gluon-variants", action="store_true", help="Gluon kernel variants / ablations only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     if args.sweep:
         sweep()
+        return
+    if args.gluon_variants:
+        gluon_variants()
         return
     prefill_table()
     decode_table()

@@ -1,5 +1,6 @@
 """Compile the kernels ahead of time for Hopper (sm_90a) without a GPU, and report what
-ptxas says about registers and spills.
+ptxas says about registers and spills (and, for the Gluon kernel, whether it serialized
+the wgmmas: a silent 2x slowdown that would otherwise only show on the GPU).
 
     TRITON_INTERPRET=0 python scripts/compile_sm90.py
 
@@ -19,6 +20,8 @@ from triton.compiler import ASTSource
 
 from attnquant.kernels.combine import combine_kernel
 from attnquant.kernels.forward import attn_fwd_kernel
+from attnquant.kernels.hopper.forward import attn_fwd_ws_kernel
+from attnquant.kernels.hopper.launch import split_pow2, ws_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -58,6 +61,29 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
     return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
 
 
+def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True):
+    """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = ws_config(d, dv)
+    da, db = split_pow2(d)
+
+    def desc(rows, cols):
+        layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16)
+        return f"tensordesc<bf16[{rows}, {cols}],{layout!r}>"
+
+    c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=varlen,
+             CAUSAL=causal, PINGPONG=cfg.pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
+             GROUP_SIZE=group_size, UE8M0=kind == 2, CONSUMER_REGS=cfg.consumer_regs,
+             PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence)
+    ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
+            "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
+            "OutScale": "*fp32", "BlockScale": "*fp32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"}
+    src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
+    return src, dict(num_warps=4, maxnreg=168)
+
+
 VARIANTS = {
     "prefill d128 causal, fp8 out": forward_variant(out="*fp8e4nv", kind=1),
     "prefill d128 causal, group fp8 (G=64, ue8m0)": forward_variant(out="*fp8e4nv", kind=2, group_size=64,
@@ -74,6 +100,11 @@ VARIANTS = {
     "split combine, fp8 out": combine_variant(),
     "split combine, group fp8 (G=128)": combine_variant(kind=2, group_size=128),
     "merge_attn_states, bf16 parts, fp8 out": combine_variant(parts="*bf16", suffix=True),
+    "gluon d128 causal, fp8 out": gluon_variant(),
+    "gluon d192-128 mqa, group fp8 (G=128)": gluon_variant(kind=2, group_size=128, d=192, group=16),
+    "gluon d64 varlen non-causal, bf16 out": gluon_variant(out="*bf16", kind=0, d=64, dv=64, varlen=True,
+                                                           causal=False),
+    "gluon d256 gqa, e5m2 out": gluon_variant(out="*fp8e5", d=256, dv=256, group=4),
 }
 
 
@@ -83,7 +114,7 @@ def ptxas_report(ptx: str) -> str:
     r = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
     os.unlink(f.name)
     return " | ".join(line.split("info    :")[-1].strip() for line in r.stderr.splitlines()
-                      if "registers" in line or "spill" in line)
+                      if "registers" in line or "spill" in line or "serialized" in line)
 
 
 def main(names=None):

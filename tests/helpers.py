@@ -12,6 +12,15 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float16]
 HEAD_DIMS = [(64, 64), (96, 96), (128, 128), (192, 128), (256, 256)]
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+# The Hopper Gluon fast path exists on sm_90 only; elsewhere every test runs the portable kernel.
+GLUON = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+BACKENDS = ["triton", "gluon"] if GLUON else ["triton"]
+
+
+def gluon_takes(d, dv):
+    """Head dims the Gluon kernel runs (others make backend='gluon' raise)."""
+    from attnquant.kernels.hopper.launch import split_pow2
+    return split_pow2(d) is not None and min(x for x in split_pow2(d) if x) >= 32 and dv & (dv - 1) == 0
 
 
 def randn(*shape, dtype=torch.float16, scale=1.0):

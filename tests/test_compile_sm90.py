@@ -15,5 +15,8 @@ def test_kernels_compile_for_sm90():
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     lines = [l for l in r.stdout.splitlines() if "smem" in l]
-    assert len(lines) == 10, r.stdout
+    assert len(lines) == 14, r.stdout
     assert all("registers" in l for l in lines), r.stdout
+    # the Hopper kernel: no spills, and its wgmmas not serialized (ptxas warning C7512)
+    for line in (l for l in lines if l.startswith("gluon")):
+        assert "0 bytes spill stores" in line and "serialized" not in line, line

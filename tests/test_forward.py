@@ -7,7 +7,7 @@ import attnquant as aq
 from attnquant import quant
 from attnquant.reference import attention_ref_batched
 
-from .helpers import DEVICE, DTYPES, FP8, HEAD_DIMS, ON_GPU, check_lse, check_output, format_kwargs, make_format, randn
+from .helpers import BACKENDS, DEVICE, DTYPES, FP8, HEAD_DIMS, ON_GPU, check_lse, gluon_takes, check_output, format_kwargs, make_format, randn
 
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 OUT_KINDS = ["plain"] + FP8
@@ -30,20 +30,26 @@ def run_case(dtype, causal, dims, heads, kind, sizes=SIZES, window=(-1, -1), sof
     return q, k, v, out, fmt
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", OUT_KINDS, ids=str)
 @pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matrix(dtype, causal, dims, heads, kind):
-    run_case(dtype, causal, dims, heads, kind)
+def test_matrix(dtype, causal, dims, heads, kind, backend):
+    if backend == "gluon" and not gluon_takes(*dims):
+        with pytest.raises(ValueError, match="backend='gluon' cannot run this call: head dims"):
+            run_case(dtype, causal, dims, heads, kind, backend=backend)
+        return
+    run_case(dtype, causal, dims, heads, kind, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sizes", [(1, 64, 64), (2, 1, 50), (1, 50, 1), (3, 40, 17), (1, 16, 300)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_sizes(sizes, causal):
+def test_sizes(sizes, causal, backend):
     """Sk < Sq with causal leaves the first rows seeing no key: 0 and LSE -inf."""
-    run_case(DTYPES[0], causal, (64, 64), (4, 2), torch.float8_e4m3fn, sizes=sizes)
+    run_case(DTYPES[0], causal, (64, 64), (4, 2), torch.float8_e4m3fn, sizes=sizes, backend=backend)
 
 
 @pytest.mark.parametrize("window,causal", [((8, 0), False), ((8, -1), False), ((-1, 5), False), ((6, 3), False),
@@ -59,8 +65,9 @@ def test_softcap(kind, causal):
     run_case(DTYPES[0], causal, (128, 128), (4, 2), kind, softcap=5.0)
 
 
-def test_softmax_scale():
-    run_case(DTYPES[0], True, (128, 128), (4, 4), torch.float8_e4m3fn, scale=0.3)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_scale(backend):
+    run_case(DTYPES[0], True, (128, 128), (4, 4), torch.float8_e4m3fn, scale=0.3, backend=backend)
 
 
 @pytest.mark.parametrize("fp8", FP8, ids=str)
@@ -166,11 +173,12 @@ def test_torch_compile_fullgraph():
 GROUP_LAYOUTS = ["flat", "heads", "colmajor", "colmajor_tma"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", GROUP_LAYOUTS)
 @pytest.mark.parametrize("ue8m0", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_group_fp8(dtype, causal, ue8m0, layout):
+def test_group_fp8(dtype, causal, ue8m0, layout, backend):
     """Per-token-group FP8 (DeepSeek-style): scales written through any strides, UE8M0 or not."""
     from .helpers import group_format
 
@@ -180,15 +188,17 @@ def test_group_fp8(dtype, causal, ue8m0, layout):
     ref_o, ref_lse = attention_ref_batched(q, k, v, causal=causal)
     eager_o, _ = attention_ref_batched(q, k, v, causal=causal, eager_dtype=dtype)
     fmt = group_format(torch.float8_e4m3fn, (b, sq), h, d, 64, ue8m0, layout)
-    out, lse = aq.flash_attn_func(q, k, v, causal=causal, return_lse=True, **format_kwargs(fmt))
+    out, lse = aq.flash_attn_func(q, k, v, causal=causal, return_lse=True, backend=backend, **format_kwargs(fmt))
     check_output(out, fmt, ref_o, eager_o, what=f"group {layout} ue8m0={ue8m0}")
     check_lse(lse, ref_lse)
 
 
-@pytest.mark.parametrize("dims,group", [((64, 64), 16), ((96, 96), 32), ((192, 128), 128), ((256, 256), 128)],
-                         ids=str)
+@pytest.mark.parametrize("dims,group,backend",
+                         [(dims, g, be) for dims, g in [((64, 64), 16), ((96, 96), 32), ((192, 128), 128),
+                                                        ((256, 256), 128)]
+                          for be in BACKENDS if be == "triton" or gluon_takes(*dims)], ids=str)
 @pytest.mark.parametrize("fp8", FP8, ids=str)
-def test_group_fp8_head_dims(dims, group, fp8):
+def test_group_fp8_head_dims(dims, group, fp8, backend):
     """Group sizes 16..128, e5m2, and Dv = 96 (three real groups in a 128-wide padded tile)."""
     from .helpers import group_format
 
@@ -199,5 +209,5 @@ def test_group_fp8_head_dims(dims, group, fp8):
     ref_o, _ = attention_ref_batched(q, k, v, causal=True)
     eager_o, _ = attention_ref_batched(q, k, v, causal=True, eager_dtype=dtype)
     fmt = group_format(fp8, (b, sq), h, dv, group, layout="heads")
-    out, _ = aq.flash_attn_func(q, k, v, causal=True, **format_kwargs(fmt))
+    out, _ = aq.flash_attn_func(q, k, v, causal=True, backend=backend, **format_kwargs(fmt))
     check_output(out, fmt, ref_o, eager_o, what=f"group G={group} {dims} {fp8}")

@@ -6,7 +6,7 @@ import torch
 import attnquant as aq
 from attnquant.reference import attention_ref_varlen
 
-from .helpers import DEVICE, DTYPES, FP8, ON_GPU, check_lse, check_output, format_kwargs, make_format, randn
+from .helpers import BACKENDS, DEVICE, DTYPES, FP8, ON_GPU, check_lse, check_output, format_kwargs, make_format, randn
 
 LENS_Q = [70, 0, 131, 5, 256] if ON_GPU else [9, 0, 21, 3]
 LENS_K = [90, 0, 131, 300, 17] if ON_GPU else [12, 0, 21, 30]
@@ -33,12 +33,13 @@ def run_varlen(dtype, causal, dims, heads, kind, window=(-1, -1), softcap=0.0, s
     check_lse(lse, ref_lse, what)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["plain"] + FP8 + ["group", "group_ue8m0"], ids=str)
-@pytest.mark.parametrize("dims", [(64, 64), (192, 128)], ids=str)
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (192, 128)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_varlen(dtype, causal, dims, kind):
-    run_varlen(dtype, causal, dims, (4, 2), kind)
+def test_varlen(dtype, causal, dims, kind, backend):
+    run_varlen(dtype, causal, dims, (4, 2), kind, backend=backend)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,0 +1,358 @@
+"""Hopper (sm_90a) prefill forward in Gluon: warp-specialized, TMA + wgmma.
+
+One CTA computes BLOCK_M = 2 x 64 query rows of one (batch, query head) against that
+head's KV head. Three partitions (FA3's structure):
+
+- a producer warp: TMA loads of the two 64-row Q tiles (once) and of K/V blocks into
+  a NUM_STAGES-deep shared-memory ring, each slot guarded by ready/empty mbarriers;
+- two consumer warpgroups (the default partition and one worker), each owning 64 of
+  the rows: S = Q K^T and O += P V on wgmma, the online softmax in registers, and the
+  output epilogue. P never leaves registers: it is the A operand of the PV wgmma.
+
+Inside a consumer the loop is software-pipelined the FA3 way: the QK^T wgmma of block
+j is issued before the PV wgmma of block j-1 and the softmax of block j runs while
+that PV is still on the tensor cores. Across the two consumers an mbarrier "turn"
+ping-pong (PINGPONG) orders their wgmma issue so that one warpgroup's softmax
+overlaps the other's GEMMs. Registers move from the producer (24) to the consumers.
+
+Keys are walked low to high; blocks from `n_full` on get the causal / sequence-end
+mask, the others none. Scores are in the log2 domain (softmax_scale * log2 e folded
+into one multiply-add before exp2). The epilogue writes the same formats with the
+same arithmetic as the portable kernel's (kernels/epilogue.py).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .. import epilogue as _portable
+
+# The portable epilogue's element-wise helpers, compiled as Gluon functions: the
+# saturation and the power-of-two rounding are shared, not restated.
+_to_fp8 = gluon.jit(_portable._to_fp8.fn)
+_ceil_pow2 = gluon.jit(_portable._ceil_pow2.fn)
+
+WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (wgmma M = 64 per warpgroup)
+NUM_CONSUMERS = gl.constexpr(2)
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _producer(descs, qs, ks, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+              q_row, k_row, q_col, kv_col, v_col, n_blocks,
+              DA: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """One warp: Q once, then K_j and V_j into ring slot j % NUM_STAGES as slots free up.
+    Head dims that are not a power of two come as two column tiles (192 = 128 + 64)."""
+    q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
+    q_smem, qb_smem = qs
+    k_smem, kb_smem = ks
+    for w in gl.static_range(NUM_CONSUMERS):
+        if DB > 0:
+            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes + qb_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row + w * WG_ROWS, q_col], q_bar.index(w), q_smem.index(w))
+        if DB > 0:
+            tma.async_copy_global_to_shared(qb_desc, [q_row + w * WG_ROWS, q_col + DA], q_bar.index(w),
+                                            qb_smem.index(w))
+    for j in range(n_blocks):
+        slot = j % NUM_STAGES
+        phase = (j // NUM_STAGES) & 1
+        # A fresh mbarrier counts as having completed the phase before 0: the first
+        # NUM_STAGES waits (parity 1) pass at once.
+        mbarrier.wait(k_empty.index(slot), phase ^ 1)
+        if DB > 0:
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + kb_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, kv_col], k_ready.index(slot),
+                                        k_smem.index(slot))
+        if DB > 0:
+            tma.async_copy_global_to_shared(kb_desc, [k_row + j * BLOCK_N, kv_col + DA], k_ready.index(slot),
+                                            kb_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), phase ^ 1)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(slot),
+                                        v_smem.index(slot))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
+                  MASKED: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, s_layout: gl.constexpr,
+                  p_dtype: gl.constexpr, ABLATE: gl.constexpr = 0):
+    """Online softmax of score block j: returns (p, m_new, l_new, alpha) with
+    p = exp2(s * qk_scale - m) in p_dtype (16-bit: half the registers of fp32 while it waits
+    for its PV), alpha = exp2(m_old - m) (0-safe for rows with no key yet).
+    ABLATE == 1 (a measurement variant, wrong results) skips it: p = s."""
+    if ABLATE == 1:
+        return s.to(p_dtype), m_i, l_i, l_i + 1.0
+    if MASKED:  # the causal diagonal or the ragged end of the keys
+        keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        ok = (keys < seqlen_k)[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= (q_pos + diag)[:, None])
+        s = gl.where(ok, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_new = l_i * alpha + gl.sum(p, 1)
+    return p.to(p_dtype), m_new, l_new, alpha
+
+
+@gluon.jit
+def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
+    """S = Q K^T on the tensor cores, asynchronously (two wgmmas when D = DA + DB)."""
+    k_smem, kb_smem = ks
+    q_a, q_b = q
+    s_tok = warpgroup_mma(q_a, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if DB > 0:
+        s_tok = warpgroup_mma(q_b, kb_smem.index(slot).permute((1, 0)), s_tok, is_async=True)
+    return s_tok
+
+
+@gluon.jit
+def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn, acc, p, m_i, l_i, alpha,
+                     q_pos, seqlen_k, diag, qk_scale, s_zero,
+                     WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
+                     o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
+                     PV_FENCE: gl.constexpr):
+    """One step of the consumer loop: S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight
+    together, the softmax of S_j under the PV. ABLATE == 2 (a measurement variant, wrong
+    results) leaves the PV wgmma out."""
+    slot = j % NUM_STAGES
+    prev = (j - 1) % NUM_STAGES
+    mbarrier.wait(k_ready.index(slot), (j // NUM_STAGES) & 1)
+    mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_STAGES) & 1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    p_op = gl.convert_layout(p, p_layout)
+    if PINGPONG:  # my turn j: the other warpgroup has issued its GEMMs of turn j - 1 (or j)
+        mbarrier.wait(turn.index(WG), (j + WG + 1) & 1)
+    s_tok = _issue_qk(q, ks, slot, s_zero, DB)
+    if ABLATE != 2:
+        o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
+    # through both waits as a dependency: otherwise it is dead to the register allocator
+    # once issued, the softmax below reuses its registers, and ptxas has to wait for the
+    # PV before the softmax (measured: the overlap was lost).
+    s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
+    mbarrier.arrive(k_empty.index(slot))
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
+                                       MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, ABLATE)
+    # An mbarrier wait that passes at once (its barrier never re-arms): its try-wait loop
+    # ends the basic block, and ptxas, which hoisted the PV wait below above the softmax
+    # (SASS: WARPGROUP.DEPBAR before the exp2s, the overlap lost), cannot move it across.
+    if PV_FENCE:
+        mbarrier.wait(turn.index(2), 0)
+    if ABLATE != 2:
+        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+    mbarrier.arrive(v_empty.index(prev))
+    return acc, p, m_i, l_i, alpha
+
+
+@gluon.jit
+def _consumer(qs, ks, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+              Out, Lse, OutScale, BlockScale,
+              out_row0, stride_os, lse_row0, stride_ls, bs_row0, stride_bss, stride_bsg,
+              q_pos0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
+              WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
+              OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
+              ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
+    """One warpgroup: rows q_pos0 + WG*64 .. +64 of the tile, all key blocks, then the epilogue."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, DV, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    dtype: gl.constexpr = v_smem.dtype
+
+    q_pos = q_pos0 + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
+    diag = seqlen_k - seqlen_q
+    q = (qs[0].index(WG), qs[1].index(WG))
+    s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
+    m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([WG_ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([WG_ROWS, DV], gl.float32, o_layout)
+
+    mbarrier.wait(q_bar.index(WG), 0)
+    # Block 0: S_0, its softmax; its PV waits for the loop (pipelined one block behind).
+    mbarrier.wait(k_ready.index(0), 0)
+    if PINGPONG:  # warpgroup 1 issues after warpgroup 0 (turn[1] phase 0 completes then)
+        mbarrier.wait(turn.index(WG), (WG + 1) & 1, pred=WG == 1)
+    s_tok = _issue_qk(q, ks, 0, s_zero, DB)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    mbarrier.arrive(k_empty.index(0))
+    if n_full > 0:
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+                                           False, BLOCK_N, CAUSAL, s_layout, dtype, ABLATE)
+    else:
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+                                           True, BLOCK_N, CAUSAL, s_layout, dtype, ABLATE)
+    # Two loops, not one with a branch: the masked one's column indices stay out of the
+    # unmasked loop's registers (in one loop ptxas kept them live and spilled).
+    for j in range(1, n_full):
+        acc, p, m_i, l_i, alpha = _pipelined_block(
+            j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn, acc, p, m_i, l_i, alpha,
+            q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
+    for j in range(gl.maximum(n_full, 1), n_blocks):
+        acc, p, m_i, l_i, alpha = _pipelined_block(
+            j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn, acc, p, m_i, l_i, alpha,
+            q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
+    last = (n_blocks - 1) % NUM_STAGES
+    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_STAGES) & 1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(o_tok,))
+    mbarrier.arrive(v_empty.index(last))
+
+    # ---- epilogue: a row that saw no key writes 0 and LSE -inf ----------------------
+    seen = l_i > 0.0
+    inv_l = gl.where(seen, 1.0 / gl.where(seen, l_i, 1.0), 0.0)
+    rows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, o_layout))
+    row_ok = q_pos0 + rows < seqlen_q
+    _store_output(acc, gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), Out,
+                  out_row0 + rows.to(gl.int64) * stride_os, row_ok, OutScale, BlockScale,
+                  bs_row0 + rows.to(gl.int64) * stride_bss, stride_bsg, DV, OUT_KIND, FP8_MAX, GROUP_SIZE,
+                  UE8M0, o_layout)
+    if STORE_LSE:
+        lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+        lrows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
+        gl.store(Lse + lse_row0 + lrows.to(gl.int64) * stride_ls, lse, mask=q_pos0 + lrows < seqlen_q)
+
+
+@gluon.jit
+def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, bs_rows, stride_bsg,
+                  DV: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                  UE8M0: gl.constexpr, layout: gl.constexpr):
+    """O = acc * row_factor in format OUT_KIND; the portable store_output's arithmetic
+    (OUT_KIND 0 plain, 1 static FP8, 2 per-token-group FP8), without its reshape:
+    groups are masked column ranges, DV / GROUP_SIZE of them."""
+    cols = gl.arange(0, DV, layout=gl.SliceLayout(0, layout))
+    ptrs = Out + out_rows[:, None] + cols[None, :]
+    mask = row_ok[:, None] & (cols < DV)[None, :]
+    if OUT_KIND == 0:
+        o = acc * row_factor[:, None]
+    elif OUT_KIND == 1:
+        inv_scale = 1.0 / gl.load(OutScale)
+        o = _to_fp8(acc * (row_factor * inv_scale)[:, None], FP8_MAX, 0, 0, False)
+    else:
+        o = acc * row_factor[:, None]
+        scales = gl.full([acc.shape[0], DV], 1.0, gl.float32, layout)
+        for g in gl.static_range(DV // GROUP_SIZE):
+            in_g = ((cols >= g * GROUP_SIZE) & (cols < (g + 1) * GROUP_SIZE))[None, :]
+            sc = gl.maximum(gl.max(gl.where(in_g, gl.abs(o), 0.0), 1), 1e-10) / FP8_MAX
+            if UE8M0:
+                sc = _ceil_pow2(sc)
+            gl.store(BlockScale + bs_rows + g * stride_bsg, sc, mask=row_ok)
+            scales = gl.where(in_g, sc[:, None], scales)
+        o = _to_fp8(o / scales, FP8_MAX, 0, 0, False)
+    gl.store(ptrs, o.to(Out.dtype.element_ty), mask=mask)
+
+
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+def attn_fwd_ws_kernel(
+    q_desc, qb_desc, k_desc, kb_desc, v_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+    stride_bsb, stride_bss, stride_bsh, stride_bsg,
+    seqlen_q, seqlen_k, num_heads, qk_scale,
+    GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
+    OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
+    PV_FENCE: gl.constexpr = True,
+):
+    BLOCK_M: gl.constexpr = NUM_CONSUMERS * WG_ROWS
+    # Grid (m-tiles, batch * heads): the tiles of one head run together, the last (under
+    # a causal mask the longest) first, so the grid ends on short tiles.
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    if VARLEN:
+        q_tok0 = gl.load(CuSeqlensQ + b)
+        seqlen_q = gl.load(CuSeqlensQ + b + 1) - q_tok0
+        k_row = gl.load(CuSeqlensK + b)
+        seqlen_k = gl.load(CuSeqlensK + b + 1) - k_row
+        q_row = q_tok0
+    else:
+        q_tok0 = 0
+        q_row = b * seqlen_q  # row of the (B * Sq, H * D) view
+        k_row = b * seqlen_k
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+
+    # Key blocks: [0, n_blocks), fully visible below n_full. At least one block is walked
+    # (fully masked when there is no key) so the pipeline needs no empty-range case.
+    diag = seqlen_k - seqlen_q
+    hi = seqlen_k
+    visible = seqlen_k
+    if CAUSAL:
+        hi = gl.minimum(gl.maximum(m0 + BLOCK_M + diag, 0), seqlen_k)
+        visible = gl.minimum(gl.maximum(m0 + 1 + diag, 0), seqlen_k)
+    n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+    n_full = visible // BLOCK_N
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    if DB > 0:
+        qb_smem = gl.allocate_shared_memory(qb_desc.dtype, [NUM_CONSUMERS] + qb_desc.block_type.shape,
+                                            qb_desc.layout)
+        kb_smem = gl.allocate_shared_memory(kb_desc.dtype, [NUM_STAGES] + kb_desc.block_type.shape,
+                                            kb_desc.layout)
+    else:  # unused
+        qb_smem = q_smem
+        kb_smem = k_smem
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    # turn[0], turn[1]: the consumers' ping-pong; turn[2]: completed once, never re-armed
+    turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS + 1, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_CONSUMERS):
+        mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
+    mbarrier.init(turn.index(NUM_CONSUMERS), count=1)
+    mbarrier.arrive(turn.index(NUM_CONSUMERS))
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)
+        mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
+    fence_async_shared()
+
+    h_kv = h // GROUP
+    out_row0 = b.to(gl.int64) * stride_ob + (q_tok0 + m0).to(gl.int64) * stride_os + h.to(gl.int64) * stride_oh
+    lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_tok0 + m0).to(gl.int64) * stride_ls
+    bs_row0 = b.to(gl.int64) * stride_bsb + (q_tok0 + m0).to(gl.int64) * stride_bss + h.to(gl.int64) * stride_bsh
+    gl.warp_specialize([
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                     Out, Lse, OutScale, BlockScale, out_row0, stride_os, lse_row0, stride_ls,
+                     bs_row0, stride_bss, stride_bsg, m0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
+                     0, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE,
+                     UE8M0, ABLATE, PV_FENCE)),
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+                     Out, Lse, OutScale, BlockScale, out_row0, stride_os, lse_row0, stride_ls,
+                     bs_row0, stride_bss, stride_bsg, m0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
+                     1, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE,
+                     UE8M0, ABLATE, PV_FENCE)),
+        (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
+                     q_bar, k_ready, v_ready, k_empty, v_empty, q_row + m0, k_row, h * (DA + DB),
+                     h_kv * (DA + DB), h_kv * DV, n_blocks, DA, DB, BLOCK_N, NUM_STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -1,0 +1,171 @@
+"""Host side of the Hopper fast path: which calls it takes, its tile config, the launch.
+
+The Gluon kernel (forward.py) reads Q/K/V through TMA descriptors over 2-D views
+(tokens, heads * head_dim), so it needs heads packed next to each other in memory and
+(batched inputs) batches that follow each other. Everything it does not take goes to
+the portable kernel: decode-sized query tiles, paged / seqused caches, windows,
+softcap, forced splits, other GPUs and the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+BACKENDS = ("auto", "gluon", "triton")
+BACKEND_ENV = "ATTNQUANT_BACKEND"
+LOG2E = 1.4426950408889634
+SMEM_LIMIT = 227 * 1024 - 8 * 1024  # H100's opt-in maximum, less room for barriers and layout scratch
+
+
+@dataclass(frozen=True)
+class WsConfig:
+    block_n: int
+    num_stages: int
+    pingpong: bool = True
+    consumer_regs: int = 240
+    producer_regs: int = 24
+    pv_fence: bool = True  # keep ptxas from hoisting the PV wait above the softmax (forward.py)
+    ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
+
+
+def ws_config(head_dim: int, head_dim_v: int) -> WsConfig:
+    """128-key blocks (64 past head dim 192), as many K/V stages as shared memory allows
+    (2-4); consumer ping-pong only past head dim 128, where it measured faster (perf-notes v7)."""
+    block_n = 128 if max(head_dim, head_dim_v) <= 192 else 64
+    pingpong = head_dim > 128
+    for stages in (4, 3, 2):
+        if _smem_bytes(head_dim, head_dim_v, block_n, stages) <= SMEM_LIMIT:
+            return WsConfig(block_n, stages, pingpong)
+    return WsConfig(block_n, 1, pingpong)
+
+
+def _smem_bytes(d, dv, block_n, stages, elem=2):
+    return elem * (128 * d + stages * block_n * (d + dv))
+
+
+def split_pow2(d: int):
+    """d as DA + DB: DA the largest power of two <= d, DB a power of two or 0 (192 = 128 + 64)."""
+    a = 1 << (d.bit_length() - 1)
+    b = d - a
+    return (a, b) if b == 0 or b & (b - 1) == 0 else None
+
+
+def requested_backend(backend: Optional[str]) -> str:
+    """The `backend` argument, else $ATTNQUANT_BACKEND, else 'auto'."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    choice = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    if choice not in BACKENDS:
+        src = "backend" if backend is not None else BACKEND_ENV
+        raise ValueError(f"{src} must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+_SM90 = {}
+
+
+def _is_sm90(device_index: int) -> bool:
+    """Cached in a plain dict (torch.compile traces a dict lookup; an lru_cache it warns about)."""
+    if device_index not in _SM90:
+        _SM90[device_index] = torch.cuda.get_device_capability(device_index) == (9, 0)
+    return _SM90[device_index]
+
+
+def _views_ok(t: torch.Tensor, varlen: bool) -> bool:
+    """t (B, S, Hx, Dx) or (T, Hx, Dx) reads as a 2-D (tokens, Hx * Dx) matrix for TMA."""
+    hd = t.shape[-2] * t.shape[-1]
+    tok_stride = t.stride(-3)
+    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] or (tok_stride * t.dtype.itemsize) % 16:
+        return False
+    if tok_stride < hd:
+        return False
+    # The 16-byte aligned base is checked where pointers exist: here eagerly, and in the op
+    # (aligned_for_tma) under torch.compile, whose tensors are fake while it traces.
+    if not torch.compiler.is_compiling() and not aligned_for_tma(t):
+        return False
+    return varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * tok_stride
+
+
+def aligned_for_tma(*tensors) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def unsupported_reason(p, causal: bool, window, softcap: float, num_splits: int, interpret: bool) -> Optional[str]:
+    """Why the Gluon path cannot run this call (None: it can). `p` is api._Problem."""
+    q = p.q
+    if interpret or q.device.type != "cuda":
+        return "it needs a CUDA device (not the interpreter)"
+    if not _is_sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+        return "it needs an sm_90 (Hopper) GPU"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"inputs are {q.dtype}, not fp16/bf16"
+    if p.block_table is not None or p.seqused_k is not None:
+        return "paged or seqused_k key lengths are not supported"
+    if window[0] >= 0 or (window[1] >= 0 and not causal) or softcap > 0:
+        return "sliding windows and softcap are not supported"
+    if num_splits > 1:
+        return "split-KV is not supported"
+    dims = split_pow2(p.head_dim)
+    dv = p.head_dim_v
+    if dims is None or min(d for d in dims if d) < 32 or p.head_dim > 256 or dv < 32 or dv > 256 or dv & (dv - 1):
+        return f"head dims {p.head_dim}/{dv} are not supported (need D = 2^a [+ 2^b] >= 32, Dv = 2^c, <= 256)"
+    cfg = ws_config(p.head_dim, dv)
+    if _smem_bytes(p.head_dim, dv, cfg.block_n, cfg.num_stages) > SMEM_LIMIT:
+        return "the tiles do not fit in shared memory"
+    for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
+        if not _views_ok(t, p.varlen):
+            return f"{name}'s layout cannot be read through a 2-D TMA view (heads must be contiguous)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block_shape, dtype):
+    from triton.experimental.gluon import language as gl
+    return gl.NVMMASharedLayout.get_default_for(list(block_shape), gl.bfloat16 if dtype == torch.bfloat16
+                                                else gl.float16)
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, cols: int, col_block: int):
+    """TMA descriptor over t as a (tokens, cols = heads * head_dim) matrix."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    rows = t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0]
+    block = (block_rows, col_block)
+    return TensorDescriptor(t, [rows, cols], [t.stride(-3), 1], list(block), _smem_layout(block, t.dtype))
+
+
+def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict, out_strides, lse_strides,
+           cfg: Optional[WsConfig] = None):
+    """Run the Gluon kernel: grid (query tiles of 128, batch * heads)."""
+    from .forward import attn_fwd_ws_kernel
+
+    cfg = cfg or ws_config(p.head_dim, p.head_dim_v)
+    da, db = split_pow2(p.head_dim)
+    hd, hkv_d, hkv_dv = p.num_heads * p.head_dim, p.num_heads_kv * p.head_dim, p.num_heads_kv * p.head_dim_v
+    q_desc = _descriptor(p.q, 64, hd, da)
+    k_desc = _descriptor(p.k, cfg.block_n, hkv_d, da)
+    qb_desc = _descriptor(p.q, 64, hd, db) if db else q_desc
+    kb_desc = _descriptor(p.k, cfg.block_n, hkv_d, db) if db else k_desc
+    v_desc = _descriptor(p.v, cfg.block_n, hkv_dv, p.head_dim_v)
+    dummy = out
+    grid = (triton.cdiv(max(p.max_seqlen_q, 1), 128), p.batch * p.num_heads)
+    attn_fwd_ws_kernel[grid](
+        q_desc, qb_desc, k_desc, kb_desc, v_desc, out, lse if lse is not None else dummy,
+        fmt.scale if fmt.scale is not None else dummy,
+        fmt.block_scale if fmt.block_scale is not None else dummy,
+        p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
+        *out_strides, *lse_strides, *fmt.block_scale_strides,
+        p.max_seqlen_q, p.max_seqlen_k, p.num_heads, softmax_scale * LOG2E,
+        GROUP=p.num_heads // p.num_heads_kv, DA=da, DB=db, DV=p.head_dim_v,
+        BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=p.varlen, CAUSAL=causal,
+        PINGPONG=cfg.pingpong, STORE_LSE=lse is not None,
+        OUT_KIND=epilogue["OUT_KIND"], FP8_MAX=epilogue["FP8_MAX"], GROUP_SIZE=epilogue["GROUP_SIZE"],
+        UE8M0=epilogue["UE8M0"], CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
+        ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence,
+        num_warps=4, maxnreg=168,
+    )

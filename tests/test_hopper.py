@@ -1,0 +1,98 @@
+"""The Hopper Gluon fast path: backend selection, and the cases the shared matrix (test_forward,
+test_varlen: every case there runs on both backends on an sm_90 GPU) does not reach:
+sequences long enough to wrap the K/V ring many times, packed qkv layouts, the dispatch rule."""
+
+import pytest
+import torch
+
+import attnquant as aq
+from attnquant.kernels.hopper import launch as hopper
+from attnquant.reference import attention_ref_batched
+
+from .helpers import DTYPES, GLUON, check_lse, check_output, format_kwargs, make_format, randn
+
+needs_gluon = pytest.mark.skipif(not GLUON, reason="the Gluon kernel runs on sm_90 GPUs only")
+
+
+def small_inputs(dtype=DTYPES[0], sq=40, sk=40, h=4, hkv=2, d=64):
+    return randn(2, sq, h, d, dtype=dtype), randn(2, sk, hkv, d, dtype=dtype), randn(2, sk, hkv, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend,exc,msg", [("fast", ValueError, "backend must be one of"),
+                                             (1, TypeError, "backend must be a str")], ids=str)
+def test_backend_argument_rejected(backend, exc, msg):
+    q, k, v = small_inputs()
+    with pytest.raises(exc, match=msg):
+        aq.flash_attn_func(q, k, v, backend=backend)
+
+
+def test_backend_env_rejected(monkeypatch):
+    monkeypatch.setenv(hopper.BACKEND_ENV, "cudnn")
+    q, k, v = small_inputs()
+    with pytest.raises(ValueError, match=hopper.BACKEND_ENV):
+        aq.flash_attn_func(q, k, v)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(window_size=(8, 0)), "sliding windows"),
+    (dict(softcap=3.0), "softcap"),
+    (dict(num_splits=2), "split-KV"),
+], ids=["window", "softcap", "splits"])
+def test_forced_gluon_refuses_with_reason(kw, msg):
+    """backend='gluon' never falls back silently: it runs or says why not (on the CPU: no GPU)."""
+    q, k, v = small_inputs()
+    with pytest.raises(ValueError, match="backend='gluon' cannot run this call: " + ("" if GLUON else "it needs")):
+        aq.flash_attn_func(q, k, v, backend="gluon", **kw)
+    if GLUON:
+        with pytest.raises(ValueError, match=msg):
+            aq.flash_attn_func(q, k, v, backend="gluon", **kw)
+
+
+def test_env_forces_portable_kernel(monkeypatch):
+    """ATTNQUANT_BACKEND=triton keeps calls off the Gluon kernel; 'auto' takes it for prefill
+    tiles on sm_90 and leaves decode-sized ones to the portable kernel."""
+    calls = []
+    real = hopper.launch
+    monkeypatch.setattr(hopper, "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = small_inputs(sq=200, sk=200)
+    monkeypatch.setenv(hopper.BACKEND_ENV, "triton")
+    a, _ = aq.flash_attn_func(q, k, v, causal=True)
+    assert calls == []
+    monkeypatch.setenv(hopper.BACKEND_ENV, "auto")
+    b, _ = aq.flash_attn_func(q, k, v, causal=True)
+    assert calls == ([1] if GLUON else [])
+    aq.flash_attn_func(q[:, :8], k, v, causal=True)  # 8 x 2 packed rows: decode-sized
+    assert calls == ([1] if GLUON else [])
+    assert (a.float() - b.float()).abs().max() < 0.05 * a.float().abs().max()
+
+
+def _check(q, k, v, causal, kind, **kw):
+    ref_o, ref_lse = attention_ref_batched(q, k, v, causal=causal)
+    eager_o, _ = attention_ref_batched(q, k, v, causal=causal, eager_dtype=q.dtype)
+    fmt = make_format(kind, q.dtype, ref_o)
+    out, lse = aq.flash_attn_func(q, k, v, causal=causal, return_lse=True, backend="gluon", **format_kwargs(fmt), **kw)
+    what = f"gluon {tuple(q.shape)} {tuple(k.shape)} causal={causal} {fmt.dtype}"
+    check_output(out, fmt, ref_o, eager_o, what=what)
+    check_lse(lse, ref_lse, what)
+
+
+@needs_gluon
+@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn, "group_ue8m0"], ids=str)
+@pytest.mark.parametrize("sq,sk", [(1100, 1100), (700, 1500), (1500, 700)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
+def test_long_sequences(dims, causal, sq, sk, kind):
+    """Many key blocks (the K/V ring wraps, the two consumers' turn barriers cycle), Sk < Sq
+    (causal rows with no key) and Sk > Sq."""
+    (d, dv), dtype = dims, DTYPES[0]
+    q, k, v = randn(1, sq, 4, d, dtype=dtype), randn(1, sk, 2, d, dtype=dtype), randn(1, sk, 2, dv, dtype=dtype)
+    _check(q, k, v, causal, kind)
+
+
+@needs_gluon
+def test_packed_qkv_layout():
+    """q/k/v slices of one (B, S, H + 2 Hkv, D) projection output: token stride > H * D."""
+    dtype = DTYPES[0]
+    qkv = randn(2, 300, 8 + 2 * 2, 128, dtype=dtype)
+    q, k, v = qkv[:, :, :8], qkv[:, :, 8:10], qkv[:, :, 10:]
+    _check(q, k, v, True, torch.float8_e4m3fn)
