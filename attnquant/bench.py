@@ -221,7 +221,7 @@ def gluon_variants():
         base = base_config(d, dv)
         variants = {"default": base, "pingpong " + ("off" if base.pingpong else "on"):
                     replace(base, pingpong=not base.pingpong),
-                    "no PV-wait fence": replace(base, pv_fence=False),
+                    "PV-wait fence " + ("off" if base.pv_fence else "on"): replace(base, pv_fence=not base.pv_fence),
                     "no softmax (ablate)": replace(base, ablate=1), "no PV gemm (ablate)": replace(base, ablate=2)}
         for label, cfg in variants.items():
             hopper.ws_config = lambda d_, dv_, cfg=cfg: cfg

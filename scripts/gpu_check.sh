@@ -2,19 +2,22 @@
 # Everything the GPU has to say, in one device call: a Gluon smoke run (a hang shows in
 # seconds), the GPU test suite, the benchmark tables (PERF.md shapes, baselines in the same
 # run) and the demo. `--sweep` adds the portable kernel's tile/split sweeps, `--variants`
-# the Gluon kernel's variants and ablations, `--bench-only` skips the tests.
+# the Gluon kernel's variants and ablations, `--ncu` Nsight Compute reports of the Gluon
+# kernel (noncausal_mha_8k, as is and without its softmax), `--bench-only` skips the tests.
 # Logs go to $OUT (the device tool brings that folder back).
-#   usage (on the device machine, repo root): bash scripts/gpu_check.sh [--sweep] [--variants] [--bench-only] [pytest args...]
+#   usage (on the device machine, repo root):
+#     bash scripts/gpu_check.sh [--sweep] [--variants] [--ncu] [--bench-only] [pytest args...]
 set -uo pipefail
 OUT=${OUT:-/tmp/attnquant-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-SWEEP=0 VARIANTS=0 TESTS=1
+SWEEP=0 VARIANTS=0 TESTS=1 NCU=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --sweep) SWEEP=1; shift ;;
     --variants) VARIANTS=1; shift ;;
     --bench-only) TESTS=0; shift ;;
+    --ncu) NCU=1; shift ;;
     *) break ;;
   esac
 done
@@ -32,3 +35,11 @@ timeout 150 python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"
 if [ $VARIANTS = 1 ]; then timeout 150 python3 -m attnquant.bench --gluon-variants 2>&1 | tee "$OUT/variants.log"; fi
 timeout 40 python3 -m attnquant.demo 2>&1 | tee "$OUT/demo.log"
 if [ $SWEEP = 1 ]; then timeout 130 python3 -m attnquant.bench --sweep 2>&1 | tee "$OUT/sweep.log"; fi
+if [ $NCU = 1 ]; then
+  for ab in 0 1; do
+    timeout 150 ncu --clock-control none --kernel-name regex:attn_fwd_ws --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      python3 scripts/profile_gluon.py noncausal_mha_8k $ab > "$OUT/ncu_ablate$ab.txt" 2>&1
+    echo "ncu (ablate=$ab):"; grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|No Eligible|Warp Cycles Per Issued|Stall|Tensor|pipe" "$OUT/ncu_ablate$ab.txt" | head -30
+  done
+fi

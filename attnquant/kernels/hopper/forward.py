@@ -148,9 +148,10 @@ def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
     mbarrier.arrive(k_empty.index(slot))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
                                        MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, ABLATE)
-    # An mbarrier wait that passes at once (its barrier never re-arms): its try-wait loop
-    # ends the basic block, and ptxas, which hoisted the PV wait below above the softmax
-    # (SASS: WARPGROUP.DEPBAR before the exp2s, the overlap lost), cannot move it across.
+    # PV_FENCE: an mbarrier wait that passes at once (its barrier never re-arms) ends the
+    # basic block here. Without it ptxas hoists the PV wait below above the softmax (SASS:
+    # WARPGROUP.DEPBAR before the exp2s), so the softmax no longer runs under the PV; with
+    # it the schedule is as written, but it measured no faster overall (perf-notes v7).
     if PV_FENCE:
         mbarrier.wait(turn.index(2), 0)
     if ABLATE != 2:
@@ -273,7 +274,7 @@ def attn_fwd_ws_kernel(
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
-    PV_FENCE: gl.constexpr = True,
+    PV_FENCE: gl.constexpr = False,
 ):
     BLOCK_M: gl.constexpr = NUM_CONSUMERS * WG_ROWS
     # Grid (m-tiles, batch * heads): the tiles of one head run together, the last (under
