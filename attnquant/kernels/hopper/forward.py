@@ -44,7 +44,7 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _producer(descs, qs, ks, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+def _producer(descs, qs, ks, v_smem, q_bar, k_ready, v_ready, kv_empty,
               q_row, k_row, q_col, kv_col, v_col, n_blocks,
               DA: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
     """One warp: Q once, then K_j and V_j into ring slot j % NUM_STAGES as slots free up.
@@ -61,12 +61,15 @@ def _producer(descs, qs, ks, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
         if DB > 0:
             tma.async_copy_global_to_shared(qb_desc, [q_row + w * WG_ROWS, q_col + DA], q_bar.index(w),
                                             qb_smem.index(w))
+    # K_j goes to slot j % NUM_STAGES, V_j to slot (j + 1) % NUM_STAGES: then the consumers'
+    # one release per block, kv_empty[j % NUM_STAGES] after block j, frees K_j and V_{j-1}
+    # together (Gluon's arrive costs a warpgroup bar.sync: ncu counted barrier stalls as a
+    # third of the consumers' stall cycles with two releases per block).
     for j in range(n_blocks):
         slot = j % NUM_STAGES
-        phase = (j // NUM_STAGES) & 1
-        # A fresh mbarrier counts as having completed the phase before 0: the first
-        # NUM_STAGES waits (parity 1) pass at once.
-        mbarrier.wait(k_empty.index(slot), phase ^ 1)
+        # A fresh mbarrier counts as having completed the phase before 0: the first waits
+        # on each slot (parity 1) pass at once.
+        mbarrier.wait(kv_empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)  # K_{j-S} released
         if DB > 0:
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + kb_desc.block_type.nbytes)
         else:
@@ -76,10 +79,11 @@ def _producer(descs, qs, ks, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
         if DB > 0:
             tma.async_copy_global_to_shared(kb_desc, [k_row + j * BLOCK_N, kv_col + DA], k_ready.index(slot),
                                             kb_smem.index(slot))
-        mbarrier.wait(v_empty.index(slot), phase ^ 1)
-        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(slot),
-                                        v_smem.index(slot))
+        v_slot = (j + 1) % NUM_STAGES
+        mbarrier.wait(kv_empty.index(v_slot), (((j + 1) // NUM_STAGES) & 1) ^ 1)  # V_{j-S} released
+        mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(v_slot),
+                                        v_smem.index(v_slot))
 
 
 @gluon.jit
@@ -118,7 +122,7 @@ def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
 
 
 @gluon.jit
-def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn, acc, p, m_i, l_i, alpha,
+def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
                      q_pos, seqlen_k, diag, qk_scale, s_zero,
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                      CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
@@ -127,17 +131,16 @@ def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
     """One step of the consumer loop: S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight
     together, the softmax of S_j under the PV. ABLATE == 2 (a measurement variant, wrong
     results) leaves the PV wgmma out."""
-    slot = j % NUM_STAGES
-    prev = (j - 1) % NUM_STAGES
+    slot = j % NUM_STAGES  # K_j and V_{j-1} (see _producer)
     mbarrier.wait(k_ready.index(slot), (j // NUM_STAGES) & 1)
-    mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_STAGES) & 1)
+    mbarrier.wait(v_ready.index(slot), ((j - 1) // NUM_STAGES) & 1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(p, p_layout)
     if PINGPONG:  # my turn j: the other warpgroup has issued its GEMMs of turn j - 1 (or j)
         mbarrier.wait(turn.index(WG), (j + WG + 1) & 1)
     s_tok = _issue_qk(q, ks, slot, s_zero, DB)
     if ABLATE != 2:
-        o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
     # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
@@ -145,7 +148,6 @@ def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
     # once issued, the softmax below reuses its registers, and ptxas has to wait for the
     # PV before the softmax (measured: the overlap was lost).
     s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
-    mbarrier.arrive(k_empty.index(slot))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
                                        MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, ABLATE)
     # PV_FENCE: an mbarrier wait that passes at once (its barrier never re-arms) ends the
@@ -156,12 +158,12 @@ def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
         mbarrier.wait(turn.index(2), 0)
     if ABLATE != 2:
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-    mbarrier.arrive(v_empty.index(prev))
+    mbarrier.arrive(kv_empty.index(slot))  # K_j and V_{j-1} consumed
     return acc, p, m_i, l_i, alpha
 
 
 @gluon.jit
-def _consumer(qs, ks, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+def _consumer(qs, ks, v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
               Out, Lse, OutScale, BlockScale,
               out_row0, stride_os, lse_row0, stride_ls, bs_row0, stride_bss, stride_bsg,
               q_pos0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
@@ -194,7 +196,7 @@ def _consumer(qs, ks, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
     s = warpgroup_mma_wait(0, deps=(s_tok,))
-    mbarrier.arrive(k_empty.index(0))
+    mbarrier.arrive(kv_empty.index(0))  # K_0
     if n_full > 0:
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
                                            False, BLOCK_N, CAUSAL, s_layout, dtype, ABLATE)
@@ -205,20 +207,20 @@ def _consumer(qs, ks, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
     # unmasked loop's registers (in one loop ptxas kept them live and spilled).
     for j in range(1, n_full):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn, acc, p, m_i, l_i, alpha,
+            j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
             s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
     for j in range(gl.maximum(n_full, 1), n_blocks):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            j, q, ks, v_smem, k_ready, v_ready, k_empty, v_empty, turn, acc, p, m_i, l_i, alpha,
+            j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
             s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
-    last = (n_blocks - 1) % NUM_STAGES
+    last = n_blocks % NUM_STAGES  # V_{n-1}
     mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_STAGES) & 1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok,))
-    mbarrier.arrive(v_empty.index(last))
+    mbarrier.arrive(kv_empty.index(last))
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf ----------------------
     seen = l_i > 0.0
@@ -324,8 +326,7 @@ def attn_fwd_ws_kernel(
     turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS + 1, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(q_bar.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
@@ -334,8 +335,7 @@ def attn_fwd_ws_kernel(
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)
-        mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
+        mbarrier.init(kv_empty.index(i), count=NUM_CONSUMERS)
     fence_async_shared()
 
     h_kv = h // GROUP
@@ -343,17 +343,17 @@ def attn_fwd_ws_kernel(
     lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_tok0 + m0).to(gl.int64) * stride_ls
     bs_row0 = b.to(gl.int64) * stride_bsb + (q_tok0 + m0).to(gl.int64) * stride_bss + h.to(gl.int64) * stride_bsh
     gl.warp_specialize([
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
                      Out, Lse, OutScale, BlockScale, out_row0, stride_os, lse_row0, stride_ls,
                      bs_row0, stride_bss, stride_bsg, m0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
                      0, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE,
                      UE8M0, ABLATE, PV_FENCE)),
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
                      Out, Lse, OutScale, BlockScale, out_row0, stride_os, lse_row0, stride_ls,
                      bs_row0, stride_bss, stride_bsg, m0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
                      1, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE,
                      UE8M0, ABLATE, PV_FENCE)),
         (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
-                     q_bar, k_ready, v_ready, k_empty, v_empty, q_row + m0, k_row, h * (DA + DB),
+                     q_bar, k_ready, v_ready, kv_empty, q_row + m0, k_row, h * (DA + DB),
                      h_kv * (DA + DB), h_kv * DV, n_blocks, DA, DB, BLOCK_N, NUM_STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
