@@ -1,5 +1,8 @@
-"""Public entry points: validate -> output format and allocation -> tile config -> launch
--> (split-KV) combine.
+"""Public entry points: validate -> output format and allocation -> backend and tile config
+-> launch -> (split-KV) combine.
+
+Backend: on sm_90 prefill-sized calls the Hopper Gluon kernel takes (kernels/hopper), else
+the portable Triton kernel; `backend=` / $ATTNQUANT_BACKEND force either (see _forward).
 
 The three attention entry points describe their inputs as one `_Problem` (strides per
 (batch, token, head), optional cu_seqlens / seqused / block table) and share

@@ -1,10 +1,11 @@
 """Benchmark: attnquant next to its baselines, in one run on one GPU.
 
-    python -m attnquant.bench            # the PERF.md shapes: prefill + decode tables
-    python -m attnquant.bench --sweep    # tile-config / split sweeps used to pick kernels/config.py
+    python -m attnquant.bench                   # the PERF.md shapes: prefill + decode tables
+    python -m attnquant.bench --sweep           # portable-kernel tile / split sweeps (kernels/config.py)
+    python -m attnquant.bench --gluon-variants  # Hopper kernel variants and ablations
 
-Prefill rows report µs and TFLOP/s for the Hopper Gluon kernel and the portable one (2*B*H*Sq*Sk*(D+Dv), halved for causal); decode rows
-report µs and the TB/s at which K and V are read. Times are medians of
+Prefill rows report µs and TFLOP/s (2*B*H*Sq*Sk*(D+Dv), halved for causal) for the Hopper
+Gluon kernel and the portable one; decode rows report µs and the TB/s at which K and V are read. Times are medians of
 triton.testing.do_bench. Baselines: torch SDPA (cuDNN backend where it accepts the
 shape), and SDPA followed by a torch.compile'd static FP8 quantization of its output.
 """

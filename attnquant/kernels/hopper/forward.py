@@ -342,6 +342,8 @@ def attn_fwd_ws_kernel(
     out_row0 = b.to(gl.int64) * stride_ob + (q_tok0 + m0).to(gl.int64) * stride_os + h.to(gl.int64) * stride_oh
     lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_tok0 + m0).to(gl.int64) * stride_ls
     bs_row0 = b.to(gl.int64) * stride_bsb + (q_tok0 + m0).to(gl.int64) * stride_bss + h.to(gl.int64) * stride_bsh
+    # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
+    # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     gl.warp_specialize([
         (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
                      Out, Lse, OutScale, BlockScale, out_row0, stride_os, lse_row0, stride_ls,
