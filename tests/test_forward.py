@@ -7,7 +7,8 @@ import attnquant as aq
 from attnquant import quant
 from attnquant.reference import attention_ref_batched
 
-from .helpers import BACKENDS, DEVICE, DTYPES, FP8, HEAD_DIMS, ON_GPU, check_lse, gluon_takes, check_output, format_kwargs, make_format, randn
+from .helpers import (BACKENDS, DEVICE, DTYPES, FP8, HEAD_DIMS, ON_GPU, check_lse, check_output, format_kwargs,
+                      gluon_takes, make_format, randn)
 
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 OUT_KINDS = ["plain"] + FP8

@@ -4,7 +4,8 @@ One CTA computes BLOCK_M = 2 x 64 query rows of one (batch, query head) against 
 head's KV head. Three partitions (FA3's structure):
 
 - a producer warp: TMA loads of the two 64-row Q tiles (once) and of K/V blocks into
-  a NUM_STAGES-deep shared-memory ring, each slot guarded by ready/empty mbarriers;
+  a NUM_STAGES-deep shared-memory ring (ready mbarriers for K and V, one "empty"
+  mbarrier per slot that the consumers arrive on once per block);
 - two consumer warpgroups (the default partition and one worker), each owning 64 of
   the rows: S = Q K^T and O += P V on wgmma, the online softmax in registers, and the
   output epilogue. P never leaves registers: it is the A operand of the PV wgmma.
@@ -47,8 +48,9 @@ LN2 = gl.constexpr(0.6931471805599453)
 def _producer(descs, qs, ks, v_smem, q_bar, k_ready, v_ready, kv_empty,
               q_row, k_row, q_col, kv_col, v_col, n_blocks,
               DA: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """One warp: Q once, then K_j and V_j into ring slot j % NUM_STAGES as slots free up.
-    Head dims that are not a power of two come as two column tiles (192 = 128 + 64)."""
+    """One warp: Q once, then K_j into ring slot j % NUM_STAGES and V_j into slot
+    (j + 1) % NUM_STAGES as slots free up. Head dims that are not a power of two come as
+    two column tiles (192 = 128 + 64)."""
     q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
     q_smem, qb_smem = qs
     k_smem, kb_smem = ks
@@ -124,8 +126,8 @@ def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
 @gluon.jit
 def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
                      q_pos, seqlen_k, diag, qk_scale, s_zero,
-                     WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
+                     WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                      o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
                      PV_FENCE: gl.constexpr):
     """One step of the consumer loop: S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight
@@ -146,14 +148,14 @@ def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p,
     # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
     # through both waits as a dependency: otherwise it is dead to the register allocator
     # once issued, the softmax below reuses its registers, and ptxas has to wait for the
-    # PV before the softmax (measured: the overlap was lost).
+    # PV before the softmax (seen in SASS).
     s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
                                        MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, ABLATE)
     # PV_FENCE: an mbarrier wait that passes at once (its barrier never re-arms) ends the
     # basic block here. Without it ptxas hoists the PV wait below above the softmax (SASS:
     # WARPGROUP.DEPBAR before the exp2s), so the softmax no longer runs under the PV; with
-    # it the schedule is as written, but it measured no faster overall (perf-notes v7).
+    # it the schedule is as written, but it measured no faster overall (perf-notes v6).
     if PV_FENCE:
         mbarrier.wait(turn.index(2), 0)
     if ABLATE != 2:
@@ -272,7 +274,8 @@ def attn_fwd_ws_kernel(
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
     seqlen_q, seqlen_k, num_heads, qk_scale,
-    GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,

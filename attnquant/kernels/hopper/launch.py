@@ -31,7 +31,7 @@ class WsConfig:
     consumer_regs: int = 240
     producer_regs: int = 24
     # keep ptxas from hoisting the PV wait above the softmax (forward.py); fixes the SASS
-    # schedule but measured -2%..+2% by shape (perf-notes v7), so off
+    # schedule but measured -2%..+2% by shape (perf-notes v6), so off
     pv_fence: bool = False
     ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
 
