@@ -280,14 +280,15 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
                                           min_blocks_per_split=8 if gather else 16)
     num_splits = max(1, min(num_splits, key_blocks))
     use_gluon = False
-    if choice != "triton":
+    if choice == "gluon":
         why_not = hopper.unsupported_reason(p, causal, window_size, softcap, requested_splits, interpret)
-        if choice == "gluon":
-            if why_not is not None:
-                raise ValueError(f"backend='gluon' cannot run this call: {why_not}")
-            use_gluon, num_splits = True, 1
-        else:  # auto: decode-sized tiles and calls the split heuristic splits stay portable
-            use_gluon = why_not is None and config is None and p.max_seqlen_q * group > 64 and num_splits == 1
+        if why_not is not None:
+            raise ValueError(f"backend='gluon' cannot run this call: {why_not}")
+        use_gluon, num_splits = True, 1
+    elif choice == "auto" and config is None and p.max_seqlen_q * group > 64 and num_splits == 1:
+        # decode-sized tiles and calls the split heuristic splits stay portable, unchecked
+        # (the decode path's host time is what eager decode pays for)
+        use_gluon = hopper.unsupported_reason(p, causal, window_size, softcap, requested_splits, interpret) is None
     lse = torch.empty(p.lse_shape, dtype=torch.float32, device=p.q.device) if return_lse else None
     if p.batch == 0 or p.max_seqlen_q == 0 or p.num_heads == 0 or out.numel() == 0:
         return out, lse

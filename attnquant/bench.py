@@ -5,8 +5,8 @@
     python -m attnquant.bench --gluon-variants  # Hopper kernel variants and ablations
 
 Prefill rows report µs and TFLOP/s (2*B*H*Sq*Sk*(D+Dv), halved for causal) for the Hopper
-Gluon kernel and the portable one; decode rows report µs and the TB/s at which K and V are read. Times are medians of
-triton.testing.do_bench. Baselines: torch SDPA (cuDNN backend where it accepts the
+Gluon kernel and the portable one; decode rows report µs and the TB/s at which K and V are
+read. Times are medians of triton.testing.do_bench. Baselines: torch SDPA (cuDNN backend where it accepts the
 shape), and SDPA followed by a torch.compile'd static FP8 quantization of its output.
 """
 

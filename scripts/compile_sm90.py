@@ -21,7 +21,8 @@ from triton.compiler import ASTSource
 from attnquant.kernels.combine import combine_kernel
 from attnquant.kernels.forward import attn_fwd_kernel
 from attnquant.kernels.hopper.forward import attn_fwd_ws_kernel
-from attnquant.kernels.hopper.launch import split_pow2, ws_config
+from attnquant.kernels.config import split_head_dim
+from attnquant.kernels.hopper.launch import ws_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -67,7 +68,7 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
     from triton.experimental.gluon._runtime import GluonASTSource
 
     cfg = ws_config(d, dv)
-    da, db = split_pow2(d)
+    da, db = split_head_dim(d)
 
     def desc(rows, cols):
         layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16)

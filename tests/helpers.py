@@ -19,8 +19,8 @@ BACKENDS = ["triton", "gluon"] if GLUON else ["triton"]
 
 def gluon_takes(d, dv):
     """Head dims the Gluon kernel runs (others make backend='gluon' raise)."""
-    from attnquant.kernels.hopper.launch import split_pow2
-    return split_pow2(d) is not None and min(x for x in split_pow2(d) if x) >= 32 and dv & (dv - 1) == 0
+    from attnquant.kernels.hopper.launch import head_dims_supported
+    return head_dims_supported(d, dv)
 
 
 def randn(*shape, dtype=torch.float16, scale=1.0):

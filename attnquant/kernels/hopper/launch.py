@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import triton
 
+from ..config import split_head_dim
+
 BACKENDS = ("auto", "gluon", "triton")
 BACKEND_ENV = "ATTNQUANT_BACKEND"
 LOG2E = 1.4426950408889634
@@ -51,11 +53,11 @@ def _smem_bytes(d, dv, block_n, stages, elem=2):
     return elem * (128 * d + stages * block_n * (d + dv))
 
 
-def split_pow2(d: int):
-    """d as DA + DB: DA the largest power of two <= d, DB a power of two or 0 (192 = 128 + 64)."""
-    a = 1 << (d.bit_length() - 1)
-    b = d - a
-    return (a, b) if b == 0 or b & (b - 1) == 0 else None
+def head_dims_supported(d: int, dv: int) -> bool:
+    """D = DA [+ DB] (config.split_head_dim: TMA tiles are powers of two) with both parts >= 32;
+    Dv a power of two in [32, 256] (it is one TMA tile and one wgmma N)."""
+    parts = split_head_dim(d)
+    return parts is not None and min(x for x in parts if x) >= 32 and 32 <= dv <= 256 and dv & (dv - 1) == 0
 
 
 def requested_backend(backend: Optional[str]) -> str:
@@ -113,9 +115,8 @@ def unsupported_reason(p, causal: bool, window, softcap: float, num_splits: int,
         return "sliding windows and softcap are not supported"
     if num_splits > 1:
         return "split-KV is not supported"
-    dims = split_pow2(p.head_dim)
     dv = p.head_dim_v
-    if dims is None or min(d for d in dims if d) < 32 or p.head_dim > 256 or dv < 32 or dv > 256 or dv & (dv - 1):
+    if not head_dims_supported(p.head_dim, dv):
         return f"head dims {p.head_dim}/{dv} are not supported (need D = 2^a [+ 2^b] >= 32, Dv = 2^c, <= 256)"
     cfg = ws_config(p.head_dim, dv)
     if _smem_bytes(p.head_dim, dv, cfg.block_n, cfg.num_stages) > SMEM_LIMIT:
@@ -141,13 +142,12 @@ def _descriptor(t: torch.Tensor, block_rows: int, cols: int, col_block: int):
     return TensorDescriptor(t, [rows, cols], [t.stride(-3), 1], list(block), _smem_layout(block, t.dtype))
 
 
-def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict, out_strides, lse_strides,
-           cfg: Optional[WsConfig] = None):
+def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict, out_strides, lse_strides):
     """Run the Gluon kernel: grid (query tiles of 128, batch * heads)."""
     from .forward import attn_fwd_ws_kernel
 
-    cfg = cfg or ws_config(p.head_dim, p.head_dim_v)
-    da, db = split_pow2(p.head_dim)
+    cfg = ws_config(p.head_dim, p.head_dim_v)
+    da, db = split_head_dim(p.head_dim)
     hd, hkv_d, hkv_dv = p.num_heads * p.head_dim, p.num_heads_kv * p.head_dim, p.num_heads_kv * p.head_dim_v
     q_desc = _descriptor(p.q, 64, hd, da)
     k_desc = _descriptor(p.k, cfg.block_n, hkv_d, da)
