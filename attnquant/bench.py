@@ -222,7 +222,7 @@ def gluon_variants():
         base = base_config(d, dv)
         variants = {"default": base, "pingpong " + ("off" if base.pingpong else "on"):
                     replace(base, pingpong=not base.pingpong),
-                    "PV-wait fence " + ("off" if base.pv_fence else "on"): replace(base, pv_fence=not base.pv_fence),
+                    "persistent " + ("off" if base.persistent else "on"): replace(base, persistent=not base.persistent),
                     "no softmax (ablate)": replace(base, ablate=1), "no PV gemm (ablate)": replace(base, ablate=2)}
         for label, cfg in variants.items():
             hopper.ws_config = lambda d_, dv_, cfg=cfg: cfg

@@ -10,6 +10,7 @@ The spill report is also how the K/V address modes were chosen (docs/perf-notes.
 """
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,8 @@ from attnquant.kernels.config import split_head_dim
 from attnquant.kernels.hopper.launch import ws_config
 
 TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS = os.path.join(NV_BIN, "ptxas")
 FP_ARGS = {"qk_scale", "softcap_in", "softcap_out"}
 
 
@@ -118,6 +120,28 @@ def ptxas_report(ptx: str) -> str:
                       if "registers" in line or "spill" in line or "serialized" in line)
 
 
+def wgmma_loop_spills(cubin: bytes) -> int:
+    """Local-memory loads/stores (spills) inside the innermost loops that issue wgmmas (SASS).
+
+    The persistent Gluon kernel keeps a few kernel-wide values (strides, schedule scalars)
+    on the stack across the warpgroups' register reallocation and reloads them once per
+    tile; that costs nothing. A spill inside a K/V loop would cost every block."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    sass = subprocess.run([os.path.join(NV_BIN, "cuobjdump"), "-sass", f.name], capture_output=True,
+                          text=True, check=True).stdout
+    os.unlink(f.name)
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    # loop back edges: predicated backward branches (the unconditional ones jump back from
+    # out-of-line mbarrier retry code)
+    loops = [(int(m.group(1), 16), addr) for addr, ins in code
+             if (m := re.match(r"\s*@!?U?P\d\s+BRA (?:`\()?0x([0-9a-f]+)", ins)) and int(m.group(1), 16) <= addr]
+    with_mma = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and "HGMMA" in i for a, i in code)]
+    innermost = [(lo, hi) for lo, hi in with_mma
+                 if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in with_mma)]
+    return sum(1 for lo, hi in innermost for a, i in code if lo <= a <= hi and re.match(r"\s*(@\S+\s+)?(LDL|STL)", i))
+
+
 def main(names=None):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("run with TRITON_INTERPRET=0: the interpreter replaces the compiler")
@@ -126,7 +150,8 @@ def main(names=None):
             continue
         k = triton.compile(src, target=TARGET, options=opts)
         assert k.asm["cubin"], name
-        print(f"{name:<45} smem {k.metadata.shared:6d} B  {ptxas_report(k.asm['ptx'])}", flush=True)
+        extra = f" | wgmma-loop spills {wgmma_loop_spills(k.asm['cubin'])}" if name.startswith("gluon") else ""
+        print(f"{name:<45} smem {k.metadata.shared:6d} B  {ptxas_report(k.asm['ptx'])}{extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """The Hopper Gluon fast path: backend selection, and the cases the shared matrix (test_forward,
 test_varlen: every case there runs on both backends on an sm_90 GPU) does not reach:
-sequences long enough to wrap the K/V ring many times, packed qkv layouts, the dispatch rule."""
+sequences long enough to wrap the K/V ring many times, CTAs that walk many tiles (the
+persistent schedule), packed qkv layouts, the dispatch rule."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import attnquant as aq
 from attnquant.kernels.hopper import launch as hopper
-from attnquant.reference import attention_ref_batched
+from attnquant.reference import attention_ref_batched, attention_ref_varlen
 
-from .helpers import DTYPES, GLUON, check_lse, check_output, format_kwargs, make_format, randn
+from .helpers import DEVICE, DTYPES, GLUON, check_lse, check_output, format_kwargs, make_format, randn
 
 needs_gluon = pytest.mark.skipif(not GLUON, reason="the Gluon kernel runs on sm_90 GPUs only")
 
@@ -96,3 +99,49 @@ def test_packed_qkv_layout():
     qkv = randn(2, 300, 8 + 2 * 2, 128, dtype=dtype)
     q, k, v = qkv[:, :, :8], qkv[:, :, 8:10], qkv[:, :, 10:]
     _check(q, k, v, True, torch.float8_e4m3fn)
+
+
+def _small_grid(monkeypatch, ctas, kv_heads_per_section, sk, d, dv, dtype):
+    """Pretend the GPU has `ctas` SMs, and make L2 sections hold `kv_heads_per_section` KV heads."""
+    monkeypatch.setitem(hopper._NUM_SMS, torch.cuda.current_device(), ctas)
+    kv_head_bytes = sk * (d + dv) * torch.tensor([], dtype=dtype).element_size()
+    monkeypatch.setattr(hopper, "L2_SECTION_BYTES", kv_heads_per_section * kv_head_bytes)
+
+
+@needs_gluon
+@pytest.mark.parametrize("ctas", [1, 7], ids=lambda n: f"{n}ctas")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
+def test_persistent_schedule(monkeypatch, dims, causal, ctas):
+    """Each CTA walks many tiles (60 tiles on 1 or 7 CTAs: the last round partial): the K/V
+    ring, the Q buffers and every barrier phase run on from tile to tile, odd rounds walk
+    backwards, and L2 sections of 10 batch*heads leave a partial last section (12)."""
+    (d, dv), dtype = dims, DTYPES[0]
+    b, sq, sk, h, hkv = 3, 600, 700, 4, 2
+    _small_grid(monkeypatch, ctas, 5, sk, d, dv, dtype)
+    shape = SimpleNamespace(num_heads=h, num_heads_kv=hkv, max_seqlen_k=sk, head_dim=d, head_dim_v=dv, batch=b,
+                            k=torch.empty(0, dtype=dtype))
+    assert hopper.l2_section(shape) == 10
+    q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, dv, dtype=dtype)
+    _check(q, k, v, causal, torch.float8_e4m3fn if ctas == 1 else "group_ue8m0")
+
+
+@needs_gluon
+@pytest.mark.parametrize("causal", [False, True])
+def test_persistent_schedule_varlen(monkeypatch, causal):
+    """Varlen on 3 CTAs: tiles past a sequence's end (the grid covers max_seqlen_q for every
+    sequence) and an empty sequence are skipped by all three partitions alike."""
+    dtype, (h, hkv), d = DTYPES[0], (4, 2), 128
+    lens_q, lens_k = [300, 0, 900, 130, 5], [300, 0, 1000, 100, 40]
+    _small_grid(monkeypatch, 3, 1, max(lens_k), d, d, dtype)
+    cq, ck = (torch.tensor([0] + list(torch.tensor(n).cumsum(0)), dtype=torch.int32, device=DEVICE)
+              for n in (lens_q, lens_k))
+    q, k, v = (randn(sum(lens_q), h, d, dtype=dtype), randn(sum(lens_k), hkv, d, dtype=dtype),
+               randn(sum(lens_k), hkv, d, dtype=dtype))
+    ref_o, ref_lse = attention_ref_varlen(q, k, v, cq, ck, None, causal=causal)
+    eager_o, _ = attention_ref_varlen(q, k, v, cq, ck, None, causal=causal, eager_dtype=dtype)
+    fmt = make_format(torch.float8_e4m3fn, dtype, ref_o)
+    out, lse = aq.flash_attn_varlen_func(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=causal, return_lse=True,
+                                         backend="gluon", **format_kwargs(fmt))
+    check_output(out, fmt, ref_o, eager_o, what=f"gluon varlen, 3 CTAs, causal={causal}")
+    check_lse(lse, ref_lse, "gluon varlen, 3 CTAs")

@@ -1,11 +1,16 @@
 """Hopper (sm_90a) prefill forward in Gluon: warp-specialized, TMA + wgmma.
 
-One CTA computes BLOCK_M = 2 x 64 query rows of one (batch, query head) against that
-head's KV head. Three partitions (FA3's structure):
+A tile is BLOCK_M = 2 x 64 query rows of one (batch, query head) against that head's KV
+head. The grid is persistent: each CTA walks a list of tiles (_tile_coords: longest
+first, heads grouped so that the K/V of the heads in flight stay in L2), and the producer
+loads the next tile's Q and first K/V blocks while the consumers finish the current one.
+Three partitions (FA3's structure):
 
-- a producer warp: TMA loads of the two 64-row Q tiles (once) and of K/V blocks into
-  a NUM_STAGES-deep shared-memory ring (ready mbarriers for K and V, one "empty"
-  mbarrier per slot that the consumers arrive on once per block);
+- a producer warp: TMA loads of the two 64-row Q tiles (once per tile, when the consumers
+  have released the previous tile's) and of K/V blocks into a NUM_STAGES-deep
+  shared-memory ring (ready mbarriers for K and V, one "empty" mbarrier per slot that the
+  consumers arrive on once per block). The ring runs on across tiles: block counters
+  (slots, phases) are per CTA, not per tile;
 - two consumer warpgroups (the default partition and one worker), each owning 64 of
   the rows: S = Q K^T and O += P V on wgmma, the online softmax in registers, and the
   output epilogue. P never leaves registers: it is the A operand of the PV wgmma.
@@ -45,47 +50,116 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _producer(descs, qs, ks, v_smem, q_bar, k_ready, v_ready, kv_empty,
-              q_row, k_row, q_col, kv_col, v_col, n_blocks,
-              DA: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """One warp: Q once, then K_j into ring slot j % NUM_STAGES and V_j into slot
-    (j + 1) % NUM_STAGES as slots free up. Head dims that are not a power of two come as
-    two column tiles (192 = 128 + 64)."""
+def _tile_coords(r, pid, nprog, num_tiles, num_m, num_bh, section):
+    """The tile CTA `pid` (of `nprog`) takes in round r: (in range, query tile, batch*head).
+
+    Tiles are numbered in sections of `section` consecutive batch*heads (sized on the host
+    so that their K/V fit in L2); inside a section the last query tile of every head comes
+    first (causal: the longest), then the one before it, and so on. Round r hands tiles
+    r*nprog .. r*nprog + nprog - 1 out to the CTAs, in reverse order on odd rounds: CTA 0
+    would otherwise take the longest tile of every round."""
+    t = r * nprog + pid + (r % 2) * (nprog - 1 - 2 * pid)
+    sec_tiles = section * num_m
+    sec = t // sec_tiles
+    rem = t - sec * sec_tiles
+    width = gl.minimum(section, num_bh - sec * section)
+    pid_m = num_m - 1 - rem // width
+    bh = gl.minimum(sec * section + rem % width, num_bh - 1)  # in range even past the last tile
+    return t < num_tiles, pid_m, bh
+
+
+@gluon.jit
+def _tile_extent(pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr):
+    """Where tile (pid_m, bh) reads and what it walks: (b, h, first query token, Q row and
+    K row of the 2-D (tokens, heads * dim) views, seqlen_q, seqlen_k, m0, n_blocks, n_full).
+    Key blocks [0, n_blocks) are walked, fully visible below n_full; at least one block
+    (fully masked when there is no key) so the pipeline needs no empty-range case. A
+    varlen tile past its sequence's end has m0 >= seqlen_q: the caller skips it."""
+    b = bh // num_heads
+    h = bh % num_heads
+    if VARLEN:
+        q_tok0 = gl.load(CuSeqlensQ + b)
+        seqlen_q = gl.load(CuSeqlensQ + b + 1) - q_tok0
+        k_row = gl.load(CuSeqlensK + b)
+        seqlen_k = gl.load(CuSeqlensK + b + 1) - k_row
+        q_row = q_tok0
+    else:
+        q_tok0 = 0
+        q_row = b * seqlen_q
+        k_row = b * seqlen_k
+    m0 = pid_m * BLOCK_M
+    diag = seqlen_k - seqlen_q
+    hi = seqlen_k
+    visible = seqlen_k
+    if CAUSAL:
+        hi = gl.minimum(gl.maximum(m0 + BLOCK_M + diag, 0), seqlen_k)
+        visible = gl.minimum(gl.maximum(m0 + 1 + diag, 0), seqlen_k)
+    n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+    n_full = visible // BLOCK_N
+    return b, h, q_tok0, q_row + m0, k_row, seqlen_q, seqlen_k, m0, n_blocks, n_full
+
+
+@gluon.jit
+def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+              sched, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK,
+              GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr):
+    """One warp. Per tile: Q once (when the consumers have released the last tile's), then
+    K_g into ring slot g % NUM_STAGES and V_g into slot (g + 1) % NUM_STAGES as slots free
+    up, g counting key blocks over all of this CTA's tiles. Head dims that are not a power
+    of two come as two column tiles (192 = 128 + 64)."""
     q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
     q_smem, qb_smem = qs
     k_smem, kb_smem = ks
-    for w in gl.static_range(NUM_CONSUMERS):
-        if DB > 0:
-            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes + qb_desc.block_type.nbytes)
-        else:
-            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + w * WG_ROWS, q_col], q_bar.index(w), q_smem.index(w))
-        if DB > 0:
-            tma.async_copy_global_to_shared(qb_desc, [q_row + w * WG_ROWS, q_col + DA], q_bar.index(w),
-                                            qb_smem.index(w))
-    # K_j goes to slot j % NUM_STAGES, V_j to slot (j + 1) % NUM_STAGES: then the consumers'
-    # one release per block, kv_empty[j % NUM_STAGES] after block j, frees K_j and V_{j-1}
-    # together (Gluon's arrive costs a warpgroup bar.sync: ncu counted barrier stalls as a
-    # third of the consumers' stall cycles with two releases per block).
-    for j in range(n_blocks):
-        slot = j % NUM_STAGES
-        # A fresh mbarrier counts as having completed the phase before 0: the first waits
-        # on each slot (parity 1) pass at once.
-        mbarrier.wait(kv_empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)  # K_{j-S} released
-        if DB > 0:
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + kb_desc.block_type.nbytes)
-        else:
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, kv_col], k_ready.index(slot),
-                                        k_smem.index(slot))
-        if DB > 0:
-            tma.async_copy_global_to_shared(kb_desc, [k_row + j * BLOCK_N, kv_col + DA], k_ready.index(slot),
-                                            kb_smem.index(slot))
-        v_slot = (j + 1) % NUM_STAGES
-        mbarrier.wait(kv_empty.index(v_slot), (((j + 1) // NUM_STAGES) & 1) ^ 1)  # V_{j-S} released
-        mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(v_slot),
-                                        v_smem.index(v_slot))
+    pid, nprog, num_tiles, num_m, num_bh, section = sched
+    g = 0  # key blocks loaded so far
+    tiles = 0  # tiles loaded so far
+    for r in range(gl.cdiv(num_tiles, nprog)):
+        in_range, pid_m, bh = _tile_coords(r, pid, nprog, num_tiles, num_m, num_bh, section)
+        b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
+            pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
+        if in_range & (m0 < sq):
+            q_col = h * (DA + DB)
+            kv_col = (h // GROUP) * (DA + DB)
+            v_col = (h // GROUP) * DV
+            for w in gl.static_range(NUM_CONSUMERS):
+                # A fresh mbarrier counts as having completed the phase before 0: the first
+                # waits on an "empty" barrier (parity 1) pass at once.
+                mbarrier.wait(q_empty.index(w), (tiles & 1) ^ 1)
+                if DB > 0:
+                    mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes + qb_desc.block_type.nbytes)
+                else:
+                    mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [q_row + w * WG_ROWS, q_col], q_bar.index(w),
+                                                q_smem.index(w))
+                if DB > 0:
+                    tma.async_copy_global_to_shared(qb_desc, [q_row + w * WG_ROWS, q_col + DA], q_bar.index(w),
+                                                    qb_smem.index(w))
+            # K_g goes to slot g % NUM_STAGES, V_g to slot (g + 1) % NUM_STAGES: then the
+            # consumers' one release per block, kv_empty[g % NUM_STAGES] after block g, frees
+            # K_g and V_{g-1} together (Gluon's arrive costs a warpgroup bar.sync: ncu counted
+            # barrier stalls as a third of the consumers' stall cycles with two per block).
+            for j in range(n_blocks):
+                gj = g + j
+                slot = gj % NUM_STAGES
+                mbarrier.wait(kv_empty.index(slot), ((gj // NUM_STAGES) & 1) ^ 1)  # K_{g-S} released
+                if DB > 0:
+                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + kb_desc.block_type.nbytes)
+                else:
+                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, kv_col], k_ready.index(slot),
+                                                k_smem.index(slot))
+                if DB > 0:
+                    tma.async_copy_global_to_shared(kb_desc, [k_row + j * BLOCK_N, kv_col + DA],
+                                                    k_ready.index(slot), kb_smem.index(slot))
+                v_slot = (gj + 1) % NUM_STAGES
+                mbarrier.wait(kv_empty.index(v_slot), (((gj + 1) // NUM_STAGES) & 1) ^ 1)  # V_{g-S} released
+                mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(v_slot),
+                                                v_smem.index(v_slot))
+            g += n_blocks
+            tiles += 1
 
 
 @gluon.jit
@@ -124,22 +198,22 @@ def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
 
 
 @gluon.jit
-def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
+def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
                      q_pos, seqlen_k, diag, qk_scale, s_zero,
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                      o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
                      PV_FENCE: gl.constexpr):
-    """One step of the consumer loop: S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight
-    together, the softmax of S_j under the PV. ABLATE == 2 (a measurement variant, wrong
-    results) leaves the PV wgmma out."""
-    slot = j % NUM_STAGES  # K_j and V_{j-1} (see _producer)
-    mbarrier.wait(k_ready.index(slot), (j // NUM_STAGES) & 1)
-    mbarrier.wait(v_ready.index(slot), ((j - 1) // NUM_STAGES) & 1)
+    """One step of the consumer loop, key block j of the tile (g of the CTA): S_j = Q K_j^T
+    and O += P_{j-1} V_{j-1} in flight together, the softmax of S_j under the PV.
+    ABLATE == 2 (a measurement variant, wrong results) leaves the PV wgmma out."""
+    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
+    mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
+    mbarrier.wait(v_ready.index(slot), ((g - 1) // NUM_STAGES) & 1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(p, p_layout)
     if PINGPONG:  # my turn j: the other warpgroup has issued its GEMMs of turn j - 1 (or j)
-        mbarrier.wait(turn.index(WG), (j + WG + 1) & 1)
+        mbarrier.wait(turn.index(WG), (g + WG + 1) & 1)
     s_tok = _issue_qk(q, ks, slot, s_zero, DB)
     if ABLATE != 2:
         o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
@@ -160,20 +234,45 @@ def _pipelined_block(j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p,
         mbarrier.wait(turn.index(2), 0)
     if ABLATE != 2:
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-    mbarrier.arrive(kv_empty.index(slot))  # K_j and V_{j-1} consumed
+    mbarrier.arrive(kv_empty.index(slot))  # K_g and V_{g-1} consumed
     return acc, p, m_i, l_i, alpha
 
 
 @gluon.jit
-def _consumer(qs, ks, v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
-              Out, Lse, OutScale, BlockScale,
-              out_row0, stride_os, lse_row0, stride_ls, bs_row0, stride_bss, stride_bsg,
-              q_pos0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
+def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+              Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
+              out_strides, lse_strides, bs_strides, qk_scale,
               WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
+              VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
               OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
               ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
-    """One warpgroup: rows q_pos0 + WG*64 .. +64 of the tile, all key blocks, then the epilogue."""
+    """One warpgroup: rows WG*64 .. +64 of each of the CTA's tiles, in the producer's order."""
+    pid, nprog, num_tiles, num_m, num_bh, section = sched
+    g = 0  # key blocks consumed so far (the producer's ring counter)
+    tiles = 0
+    for r in range(gl.cdiv(num_tiles, nprog)):
+        in_range, pid_m, bh = _tile_coords(r, pid, nprog, num_tiles, num_m, num_bh, section)
+        b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
+            pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
+        if in_range & (m0 < sq):
+            _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+                           Out, Lse, OutScale, BlockScale, b, h, q_tok0, m0, sq, sk, n_blocks, n_full, g, tiles,
+                           out_strides, lse_strides, bs_strides, qk_scale,
+                           WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
+                           GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)
+            g += n_blocks
+            tiles += 1
+
+
+@gluon.jit
+def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+                   Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_pos0, seqlen_q, seqlen_k, n_blocks, n_full,
+                   g0, tile_idx, out_strides, lse_strides, bs_strides, qk_scale,
+                   WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
+                   OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
+                   ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
+    """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -189,16 +288,18 @@ def _consumer(qs, ks, v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
     l_i = gl.zeros([WG_ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([WG_ROWS, DV], gl.float32, o_layout)
 
-    mbarrier.wait(q_bar.index(WG), 0)
+    mbarrier.wait(q_bar.index(WG), tile_idx & 1)
     # Block 0: S_0, its softmax; its PV waits for the loop (pipelined one block behind).
-    mbarrier.wait(k_ready.index(0), 0)
-    if PINGPONG:  # warpgroup 1 issues after warpgroup 0 (turn[1] phase 0 completes then)
-        mbarrier.wait(turn.index(WG), (WG + 1) & 1, pred=WG == 1)
-    s_tok = _issue_qk(q, ks, 0, s_zero, DB)
+    slot0 = g0 % NUM_STAGES
+    mbarrier.wait(k_ready.index(slot0), (g0 // NUM_STAGES) & 1)
+    if PINGPONG:  # turn g0; warpgroup 0's very first turn has nobody to wait for
+        mbarrier.wait(turn.index(WG), (g0 + WG + 1) & 1, pred=g0 + WG > 0)
+    s_tok = _issue_qk(q, ks, slot0, s_zero, DB)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
     s = warpgroup_mma_wait(0, deps=(s_tok,))
-    mbarrier.arrive(kv_empty.index(0))  # K_0
+    # K_g0, and V_{g0-1} in the same slot: the previous tile's last block, whose PV is done
+    mbarrier.arrive(kv_empty.index(slot0))
     if n_full > 0:
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
                                            False, BLOCK_N, CAUSAL, s_layout, dtype, ABLATE)
@@ -209,31 +310,41 @@ def _consumer(qs, ks, v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
     # unmasked loop's registers (in one loop ptxas kept them live and spilled).
     for j in range(1, n_full):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
             s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
     for j in range(gl.maximum(n_full, 1), n_blocks):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
             s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
-    last = n_blocks % NUM_STAGES  # V_{n-1}
-    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_STAGES) & 1)
+    # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
+    # tile's last PV and epilogue).
+    mbarrier.arrive(q_empty.index(WG))
+    g_last = g0 + n_blocks - 1  # V_{g_last} is in slot g_last + 1, released by the next tile's first block
+    mbarrier.wait(v_ready.index((g_last + 1) % NUM_STAGES), (g_last // NUM_STAGES) & 1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(last), acc, is_async=True)
+    o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index((g_last + 1) % NUM_STAGES), acc,
+                          is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok,))
-    mbarrier.arrive(kv_empty.index(last))
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf ----------------------
+    stride_ob, stride_os, stride_oh = out_strides
+    stride_lb, stride_lh, stride_ls = lse_strides
+    stride_bsb, stride_bss, stride_bsh, stride_bsg = bs_strides
+    tok0 = (q_tok0 + q_pos0).to(gl.int64)
     seen = l_i > 0.0
     inv_l = gl.where(seen, 1.0 / gl.where(seen, l_i, 1.0), 0.0)
     rows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, o_layout))
     row_ok = q_pos0 + rows < seqlen_q
+    out_row0 = b.to(gl.int64) * stride_ob + tok0 * stride_os + h.to(gl.int64) * stride_oh
+    bs_row0 = b.to(gl.int64) * stride_bsb + tok0 * stride_bss + h.to(gl.int64) * stride_bsh
     _store_output(acc, gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), Out,
                   out_row0 + rows.to(gl.int64) * stride_os, row_ok, OutScale, BlockScale,
                   bs_row0 + rows.to(gl.int64) * stride_bss, stride_bsg, DV, OUT_KIND, FP8_MAX, GROUP_SIZE,
                   UE8M0, o_layout)
     if STORE_LSE:
+        lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + tok0 * stride_ls
         lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
         lrows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
         gl.store(Lse + lse_row0 + lrows.to(gl.int64) * stride_ls, lse, mask=q_pos0 + lrows < seqlen_q)
@@ -268,12 +379,12 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
     gl.store(ptrs, o.to(Out.dtype.element_ty), mask=mask)
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section"])
 def attn_fwd_ws_kernel(
     q_desc, qb_desc, k_desc, kb_desc, v_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
-    seqlen_q, seqlen_k, num_heads, qk_scale,
+    seqlen_q, seqlen_k, batch, num_heads, section, qk_scale,
     GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr,
     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
@@ -281,37 +392,13 @@ def attn_fwd_ws_kernel(
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
     PV_FENCE: gl.constexpr = False,
 ):
+    """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
+    batch*heads per L2 section (_tile_coords). A grid of one CTA per tile is the
+    non-persistent kernel."""
     BLOCK_M: gl.constexpr = NUM_CONSUMERS * WG_ROWS
-    # Grid (m-tiles, batch * heads): the tiles of one head run together, the last (under
-    # a causal mask the longest) first, so the grid ends on short tiles.
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    if VARLEN:
-        q_tok0 = gl.load(CuSeqlensQ + b)
-        seqlen_q = gl.load(CuSeqlensQ + b + 1) - q_tok0
-        k_row = gl.load(CuSeqlensK + b)
-        seqlen_k = gl.load(CuSeqlensK + b + 1) - k_row
-        q_row = q_tok0
-    else:
-        q_tok0 = 0
-        q_row = b * seqlen_q  # row of the (B * Sq, H * D) view
-        k_row = b * seqlen_k
-    m0 = pid_m * BLOCK_M
-    if m0 >= seqlen_q:
-        return
-
-    # Key blocks: [0, n_blocks), fully visible below n_full. At least one block is walked
-    # (fully masked when there is no key) so the pipeline needs no empty-range case.
-    diag = seqlen_k - seqlen_q
-    hi = seqlen_k
-    visible = seqlen_k
-    if CAUSAL:
-        hi = gl.minimum(gl.maximum(m0 + BLOCK_M + diag, 0), seqlen_k)
-        visible = gl.minimum(gl.maximum(m0 + 1 + diag, 0), seqlen_k)
-    n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
-    n_full = visible // BLOCK_N
+    num_m = gl.cdiv(seqlen_q, BLOCK_M)
+    num_bh = batch * num_heads
+    sched = (gl.program_id(0), gl.num_programs(0), num_m * num_bh, num_m, num_bh, section)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -325,6 +412,7 @@ def attn_fwd_ws_kernel(
         kb_smem = k_smem
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     # turn[0], turn[1]: the consumers' ping-pong; turn[2]: completed once, never re-armed
     turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS + 1, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -332,6 +420,7 @@ def attn_fwd_ws_kernel(
     kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
     mbarrier.init(turn.index(NUM_CONSUMERS), count=1)
     mbarrier.arrive(turn.index(NUM_CONSUMERS))
@@ -341,24 +430,23 @@ def attn_fwd_ws_kernel(
         mbarrier.init(kv_empty.index(i), count=NUM_CONSUMERS)
     fence_async_shared()
 
-    h_kv = h // GROUP
-    out_row0 = b.to(gl.int64) * stride_ob + (q_tok0 + m0).to(gl.int64) * stride_os + h.to(gl.int64) * stride_oh
-    lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_tok0 + m0).to(gl.int64) * stride_ls
-    bs_row0 = b.to(gl.int64) * stride_bsb + (q_tok0 + m0).to(gl.int64) * stride_bss + h.to(gl.int64) * stride_bsh
+    out_strides = (stride_ob, stride_os, stride_oh)
+    lse_strides = (stride_lb, stride_lh, stride_ls)
+    bs_strides = (stride_bsb, stride_bss, stride_bsh, stride_bsg)
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     gl.warp_specialize([
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
-                     Out, Lse, OutScale, BlockScale, out_row0, stride_os, lse_row0, stride_ls,
-                     bs_row0, stride_bss, stride_bsg, m0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
-                     0, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE,
-                     UE8M0, ABLATE, PV_FENCE)),
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, k_ready, v_ready, kv_empty, turn,
-                     Out, Lse, OutScale, BlockScale, out_row0, stride_os, lse_row0, stride_ls,
-                     bs_row0, stride_bss, stride_bsg, m0, seqlen_q, seqlen_k, n_blocks, n_full, qk_scale,
-                     1, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE,
-                     UE8M0, ABLATE, PV_FENCE)),
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+                     Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
+                     out_strides, lse_strides, bs_strides, qk_scale,
+                     0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
+                     GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)),
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+                     Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
+                     out_strides, lse_strides, bs_strides, qk_scale,
+                     1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
+                     GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)),
         (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
-                     q_bar, k_ready, v_ready, kv_empty, q_row + m0, k_row, h * (DA + DB),
-                     h_kv * (DA + DB), h_kv * DV, n_blocks, DA, DB, BLOCK_N, NUM_STAGES)),
+                     q_bar, q_empty, k_ready, v_ready, kv_empty, sched, num_heads, seqlen_q, seqlen_k,
+                     CuSeqlensQ, CuSeqlensK, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -23,13 +23,18 @@ BACKENDS = ("auto", "gluon", "triton")
 BACKEND_ENV = "ATTNQUANT_BACKEND"
 LOG2E = 1.4426950408889634
 SMEM_LIMIT = 227 * 1024 - 8 * 1024  # H100's opt-in maximum, less room for barriers and layout scratch
+# K/V bytes of the heads one L2 section of the persistent schedule covers (forward._tile_coords):
+# the CTAs in flight span about two sections, and H100's L2 is 50 MB.
+L2_SECTION_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
 class WsConfig:
     block_n: int
     num_stages: int
-    pingpong: bool = True
+    pingpong: bool = False
+    # one CTA per SM walking a tile list (forward._tile_coords); False: one CTA per tile
+    persistent: bool = True
     consumer_regs: int = 240
     producer_regs: int = 24
     # keep ptxas from hoisting the PV wait above the softmax (forward.py); fixes the SASS
@@ -40,13 +45,12 @@ class WsConfig:
 
 def ws_config(head_dim: int, head_dim_v: int) -> WsConfig:
     """128-key blocks (64 past head dim 192), as many K/V stages as shared memory allows
-    (2-4); consumer ping-pong only past head dim 128, where it measured faster (perf-notes v7)."""
+    (2-4); no consumer ping-pong (slower at d=128 in every run, perf-notes v7/v9)."""
     block_n = 128 if max(head_dim, head_dim_v) <= 192 else 64
-    pingpong = head_dim > 128
     for stages in (4, 3, 2):
         if _smem_bytes(head_dim, head_dim_v, block_n, stages) <= SMEM_LIMIT:
-            return WsConfig(block_n, stages, pingpong)
-    return WsConfig(block_n, 1, pingpong)
+            return WsConfig(block_n, stages)
+    return WsConfig(block_n, 1)
 
 
 def _smem_bytes(d, dv, block_n, stages, elem=2):
@@ -72,6 +76,21 @@ def requested_backend(backend: Optional[str]) -> str:
 
 
 _SM90 = {}
+_NUM_SMS = {}
+
+
+def _num_sms(device_index: int) -> int:
+    if device_index not in _NUM_SMS:
+        _NUM_SMS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _NUM_SMS[device_index]
+
+
+def l2_section(p) -> int:
+    """Batch*heads per section of the tile order: whole KV-head groups whose K/V
+    (max_seqlen_k keys) fit in L2_SECTION_BYTES, at least one group."""
+    group = p.num_heads // p.num_heads_kv
+    kv_head_bytes = max(p.max_seqlen_k, 1) * (p.head_dim + p.head_dim_v) * p.k.element_size()
+    return min(max(L2_SECTION_BYTES // kv_head_bytes, 1) * group, p.batch * p.num_heads)
 
 
 def _is_sm90(device_index: int) -> bool:
@@ -143,7 +162,7 @@ def _descriptor(t: torch.Tensor, block_rows: int, cols: int, col_block: int):
 
 
 def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict, out_strides, lse_strides):
-    """Run the Gluon kernel: grid (query tiles of 128, batch * heads)."""
+    """Run the Gluon kernel: one CTA per SM (persistent) or per tile of 128 query rows."""
     from .forward import attn_fwd_ws_kernel
 
     cfg = ws_config(p.head_dim, p.head_dim_v)
@@ -155,14 +174,16 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     kb_desc = _descriptor(p.k, cfg.block_n, hkv_d, db) if db else k_desc
     v_desc = _descriptor(p.v, cfg.block_n, hkv_dv, p.head_dim_v)
     dummy = out
-    grid = (triton.cdiv(max(p.max_seqlen_q, 1), 128), p.batch * p.num_heads)
+    num_tiles = triton.cdiv(max(p.max_seqlen_q, 1), 128) * p.batch * p.num_heads
+    dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
+    grid = (min(num_tiles, _num_sms(dev)) if cfg.persistent else num_tiles,)
     attn_fwd_ws_kernel[grid](
         q_desc, qb_desc, k_desc, kb_desc, v_desc, out, lse if lse is not None else dummy,
         fmt.scale if fmt.scale is not None else dummy,
         fmt.block_scale if fmt.block_scale is not None else dummy,
         p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
         *out_strides, *lse_strides, *fmt.block_scale_strides,
-        p.max_seqlen_q, p.max_seqlen_k, p.num_heads, softmax_scale * LOG2E,
+        p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p), softmax_scale * LOG2E,
         GROUP=p.num_heads // p.num_heads_kv, DA=da, DB=db, DV=p.head_dim_v,
         BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=p.varlen, CAUSAL=causal,
         PINGPONG=cfg.pingpong, STORE_LSE=lse is not None,
