@@ -64,8 +64,10 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
     return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
 
 
-def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True):
-    """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv)."""
+def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
+                  pingpong=None):
+    """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
+    as it says unless `pingpong` is given)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -77,12 +79,12 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
         return f"tensordesc<bf16[{rows}, {cols}],{layout!r}>"
 
     c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=varlen,
-             CAUSAL=causal, PINGPONG=cfg.pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
+             CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
              GROUP_SIZE=group_size, UE8M0=kind == 2, CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence)
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
-            "OutScale": "*fp32", "BlockScale": "*fp32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"}
+            "OutScale": "*fp32", "BlockScale": "*fp32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "TileCounter": "*i32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
     return src, dict(num_warps=4, maxnreg=168)
 
@@ -108,6 +110,7 @@ VARIANTS = {
     "gluon d64 varlen non-causal, bf16 out": gluon_variant(out="*bf16", kind=0, d=64, dv=64, varlen=True,
                                                            causal=False),
     "gluon d256 gqa, e5m2 out": gluon_variant(out="*fp8e5", d=256, dv=256, group=4),
+    "gluon d128 gqa ping-pong, bf16 out": gluon_variant(out="*bf16", kind=0, group=4, pingpong=True),
 }
 
 

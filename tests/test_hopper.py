@@ -3,6 +3,7 @@ test_varlen: every case there runs on both backends on an sm_90 GPU) does not re
 sequences long enough to wrap the K/V ring many times, CTAs that walk many tiles (the
 persistent schedule), packed qkv layouts, the dispatch rule."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -113,9 +114,9 @@ def _small_grid(monkeypatch, ctas, kv_heads_per_section, sk, d, dv, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
 def test_persistent_schedule(monkeypatch, dims, causal, ctas):
-    """Each CTA walks many tiles (60 tiles on 1 or 7 CTAs: the last round partial): the K/V
-    ring, the Q buffers and every barrier phase run on from tile to tile, odd rounds walk
-    backwards, and L2 sections of 10 batch*heads leave a partial last section (12)."""
+    """Each CTA takes many tiles (60 tiles on 1 or 7 CTAs, from the shared counter): the
+    K/V ring, the Q buffers, the tile-id ring and every barrier phase run on from tile to
+    tile, and L2 sections of 10 batch*heads leave a partial last section (of 12)."""
     (d, dv), dtype = dims, DTYPES[0]
     b, sq, sk, h, hkv = 3, 600, 700, 4, 2
     _small_grid(monkeypatch, ctas, 5, sk, d, dv, dtype)
@@ -129,8 +130,8 @@ def test_persistent_schedule(monkeypatch, dims, causal, ctas):
 @needs_gluon
 @pytest.mark.parametrize("causal", [False, True])
 def test_persistent_schedule_varlen(monkeypatch, causal):
-    """Varlen on 3 CTAs: tiles past a sequence's end (the grid covers max_seqlen_q for every
-    sequence) and an empty sequence are skipped by all three partitions alike."""
+    """Varlen on 3 CTAs: tiles past a sequence's end (the tile space covers max_seqlen_q for
+    every sequence) and an empty sequence are skipped by the producer, never published."""
     dtype, (h, hkv), d = DTYPES[0], (4, 2), 128
     lens_q, lens_k = [300, 0, 900, 130, 5], [300, 0, 1000, 100, 40]
     _small_grid(monkeypatch, 3, 1, max(lens_k), d, d, dtype)
@@ -145,3 +146,18 @@ def test_persistent_schedule_varlen(monkeypatch, causal):
                                          backend="gluon", **format_kwargs(fmt))
     check_output(out, fmt, ref_o, eager_o, what=f"gluon varlen, 3 CTAs, causal={causal}")
     check_lse(lse, ref_lse, "gluon varlen, 3 CTAs")
+
+
+@needs_gluon
+@pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_pingpong_option(monkeypatch, causal, dims):
+    """WsConfig.pingpong (off by default: measured no faster): the consumers take turns
+    issuing wgmmas through two named barriers. Every arrive must meet a sync across all
+    the tiles of a CTA (3 CTAs here) or the kernel hangs or races."""
+    (d, dv), dtype = dims, DTYPES[0]
+    base = hopper.ws_config
+    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: replace(base(d_, dv_), pingpong=True))
+    _small_grid(monkeypatch, 3, 1, 700, d, dv, dtype)
+    q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype), randn(2, 700, 2, dv, dtype=dtype)
+    _check(q, k, v, causal, torch.float8_e4m3fn)

@@ -1,13 +1,15 @@
 """Hopper (sm_90a) prefill forward in Gluon: warp-specialized, TMA + wgmma.
 
 A tile is BLOCK_M = 2 x 64 query rows of one (batch, query head) against that head's KV
-head. The grid is persistent: each CTA walks a list of tiles (_tile_coords: longest
-first, heads grouped so that the K/V of the heads in flight stay in L2), and the producer
-loads the next tile's Q and first K/V blocks while the consumers finish the current one.
-Three partitions (FA3's structure):
+head. The grid is persistent (one CTA per SM): CTAs take tiles from a global counter as
+they free up, in an order that puts the longest first and keeps the heads in flight few
+enough for their K/V to stay in L2 (_tile_coords), and the producer loads the next tile's
+Q and first K/V blocks while the consumers finish the current one. Three partitions
+(FA3's structure):
 
-- a producer warp: TMA loads of the two 64-row Q tiles (once per tile, when the consumers
-  have released the previous tile's) and of K/V blocks into a NUM_STAGES-deep
+- a producer warp: picks the tiles and hands their ids to the consumers (a two-entry
+  shared-memory ring); TMA loads of the two 64-row Q tiles (once per tile, when the
+  consumers have released the previous tile's) and of K/V blocks into a NUM_STAGES-deep
   shared-memory ring (ready mbarriers for K and V, one "empty" mbarrier per slot that the
   consumers arrive on once per block). The ring runs on across tiles: block counters
   (slots, phases) are per CTA, not per tile;
@@ -17,7 +19,7 @@ Three partitions (FA3's structure):
 
 Inside a consumer the loop is software-pipelined the FA3 way: the QK^T wgmma of block
 j is issued before the PV wgmma of block j-1 and the softmax of block j runs while
-that PV is still on the tensor cores. Across the two consumers an mbarrier "turn"
+that PV is still on the tensor cores. Across the two consumers a named-barrier
 ping-pong (PINGPONG) orders their wgmma issue so that one warpgroup's softmax
 overlaps the other's GEMMs. Registers move from the producer (24) to the consumers.
 
@@ -49,23 +51,55 @@ NUM_CONSUMERS = gl.constexpr(2)
 LN2 = gl.constexpr(0.6931471805599453)
 
 
-@gluon.jit
-def _tile_coords(r, pid, nprog, num_tiles, num_m, num_bh, section):
-    """The tile CTA `pid` (of `nprog`) takes in round r: (in range, query tile, batch*head).
+# Hardware named barriers for the consumers' ping-pong (FA3's warp-scheduler barriers): ids
+# Triton's own partition barriers do not use (it takes 0-2 here), 2 x 128 threads each.
+PINGPONG_BARRIER0 = gl.constexpr(8)
 
-    Tiles are numbered in sections of `section` consecutive batch*heads (sized on the host
-    so that their K/V fit in L2); inside a section the last query tile of every head comes
-    first (causal: the longest), then the one before it, and so on. Round r hands tiles
-    r*nprog .. r*nprog + nprog - 1 out to the CTAs, in reverse order on odd rounds: CTA 0
-    would otherwise take the longest tile of every round."""
-    t = r * nprog + pid + (r % 2) * (nprog - 1 - 2 * pid)
+
+@gluon.jit
+def _named_barrier(bar_id: gl.constexpr, ARRIVE: gl.constexpr):
+    """bar.sync (wait until the other warpgroup arrives) or bar.arrive (signal it) on a
+    named barrier of both consumer warpgroups. Gluon 3.6 has no named barriers and its
+    mbarrier ping-pong measured slower (an arrive there costs a warpgroup bar.sync, a wait
+    a try-wait loop); these need no shared-memory address, so inline asm can issue them."""
+    op: gl.constexpr = "bar.arrive" if ARRIVE else "bar.sync"
+    gl.inline_asm_elementwise(f"{op} {bar_id}, 256;\n mov.u32 $0, $1;", "=r,r", [gl.to_tensor(0)],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _tile_coords(t, num_m, num_bh, section):
+    """Tile t of the schedule: (query tile, batch*head). Tiles are numbered in sections of
+    `section` consecutive batch*heads (sized on the host so that their K/V fit in L2);
+    inside a section the last query tile of every head comes first (causal: the longest),
+    then the one before it, and so on. CTAs take tiles in this order as they free up
+    (_producer), so the longest go first and the short ones fill the end."""
     sec_tiles = section * num_m
     sec = t // sec_tiles
     rem = t - sec * sec_tiles
     width = gl.minimum(section, num_bh - sec * section)
-    pid_m = num_m - 1 - rem // width
-    bh = gl.minimum(sec * section + rem % width, num_bh - 1)  # in range even past the last tile
-    return t < num_tiles, pid_m, bh
+    return num_m - 1 - rem // width, sec * section + rem % width
+
+
+@gluon.jit
+def _publish_tile(tile_ids, tile_full, tile_empty, tile, i):
+    """Producer: hand tile id `tile` (the i-th of this CTA; >= num_tiles: stop) to the consumers."""
+    slot = i % 2
+    mbarrier.wait(tile_empty.index(slot), ((i // 2) & 1) ^ 1)
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    tile_ids.index(slot).store(gl.full([1], tile, gl.int32, layout))
+    mbarrier.arrive(tile_full.index(slot))
+
+
+@gluon.jit
+def _read_tile(tile_ids, tile_full, tile_empty, i):
+    """Consumer: the i-th tile id the producer published."""
+    slot = i % 2
+    mbarrier.wait(tile_full.index(slot), (i // 2) & 1)
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    tile = gl.max(tile_ids.index(slot).load(layout), 0)
+    mbarrier.arrive(tile_empty.index(slot))
+    return tile
 
 
 @gluon.jit
@@ -101,32 +135,36 @@ def _tile_extent(pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlens
 
 
 @gluon.jit
-def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
-              sched, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK,
+def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty,
+              sched, TileCounter, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK,
               GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr,
               NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr):
-    """One warp. Per tile: Q once (when the consumers have released the last tile's), then
-    K_g into ring slot g % NUM_STAGES and V_g into slot (g + 1) % NUM_STAGES as slots free
-    up, g counting key blocks over all of this CTA's tiles. Head dims that are not a power
+    """One warp. Picks the CTA's tiles (its program id first, then one from the shared
+    counter each time it has issued a tile's loads: dynamic, longest first) and publishes
+    them to the consumers. Per tile: Q once (when the consumers have released the last
+    tile's), then K_g into ring slot g % NUM_STAGES and V_g into slot (g + 1) % NUM_STAGES
+    as slots free up, g counting key blocks over all of this CTA's tiles. Head dims that are not a power
     of two come as two column tiles (192 = 128 + 64)."""
     q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
     q_smem, qb_smem = qs
     k_smem, kb_smem = ks
     pid, nprog, num_tiles, num_m, num_bh, section = sched
     g = 0  # key blocks loaded so far
-    tiles = 0  # tiles loaded so far
-    for r in range(gl.cdiv(num_tiles, nprog)):
-        in_range, pid_m, bh = _tile_coords(r, pid, nprog, num_tiles, num_m, num_bh, section)
+    i = 0  # tiles published (and loaded) so far
+    tile = pid
+    while tile < num_tiles:
+        pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
             pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
-        if in_range & (m0 < sq):
+        if m0 < sq:  # (varlen: a tile past its sequence's end has no rows and is not published)
+            _publish_tile(tile_ids, tile_full, tile_empty, tile, i)
             q_col = h * (DA + DB)
             kv_col = (h // GROUP) * (DA + DB)
             v_col = (h // GROUP) * DV
             for w in gl.static_range(NUM_CONSUMERS):
                 # A fresh mbarrier counts as having completed the phase before 0: the first
                 # waits on an "empty" barrier (parity 1) pass at once.
-                mbarrier.wait(q_empty.index(w), (tiles & 1) ^ 1)
+                mbarrier.wait(q_empty.index(w), (i & 1) ^ 1)
                 if DB > 0:
                     mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes + qb_desc.block_type.nbytes)
                 else:
@@ -159,7 +197,9 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                 tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(v_slot),
                                                 v_smem.index(v_slot))
             g += n_blocks
-            tiles += 1
+            i += 1
+        tile = nprog + gl.atomic_add(TileCounter, 1)
+    _publish_tile(tile_ids, tile_full, tile_empty, tile, i)  # no more tiles
 
 
 @gluon.jit
@@ -198,7 +238,7 @@ def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
 
 
 @gluon.jit
-def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
+def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
                      q_pos, seqlen_k, diag, qk_scale, s_zero,
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
@@ -212,13 +252,13 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc,
     mbarrier.wait(v_ready.index(slot), ((g - 1) // NUM_STAGES) & 1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(p, p_layout)
-    if PINGPONG:  # my turn j: the other warpgroup has issued its GEMMs of turn j - 1 (or j)
-        mbarrier.wait(turn.index(WG), (g + WG + 1) & 1)
+    if PINGPONG:  # my turn: the other warpgroup has issued its GEMMs of its last block
+        _named_barrier(PINGPONG_BARRIER0 + WG, False)
     s_tok = _issue_qk(q, ks, slot, s_zero, DB)
     if ABLATE != 2:
         o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
     if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG))
+        _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
     # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
     # through both waits as a dependency: otherwise it is dead to the register allocator
     # once issued, the softmax below reuses its registers, and ptxas has to wait for the
@@ -231,7 +271,7 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc,
     # WARPGROUP.DEPBAR before the exp2s), so the softmax no longer runs under the PV; with
     # it the schedule is as written, but it measured no faster overall (perf-notes v6).
     if PV_FENCE:
-        mbarrier.wait(turn.index(2), 0)
+        mbarrier.wait(always_done, 0)
     if ABLATE != 2:
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
     mbarrier.arrive(kv_empty.index(slot))  # K_g and V_{g-1} consumed
@@ -239,33 +279,38 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc,
 
 
 @gluon.jit
-def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
               Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
               out_strides, lse_strides, bs_strides, qk_scale,
               WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_STAGES: gl.constexpr,
               VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
               OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
               ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
-    """One warpgroup: rows WG*64 .. +64 of each of the CTA's tiles, in the producer's order."""
+    """One warpgroup: rows WG*64 .. +64 of each tile the producer publishes."""
     pid, nprog, num_tiles, num_m, num_bh, section = sched
     g = 0  # key blocks consumed so far (the producer's ring counter)
-    tiles = 0
-    for r in range(gl.cdiv(num_tiles, nprog)):
-        in_range, pid_m, bh = _tile_coords(r, pid, nprog, num_tiles, num_m, num_bh, section)
+    i = 0  # tiles done
+    if PINGPONG and WG == 1:  # warpgroup 0 issues first
+        _named_barrier(PINGPONG_BARRIER0, True)
+    tile = _read_tile(tile_ids, tile_full, tile_empty, i)
+    while tile < num_tiles:
+        pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
             pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
-        if in_range & (m0 < sq):
-            _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-                           Out, Lse, OutScale, BlockScale, b, h, q_tok0, m0, sq, sk, n_blocks, n_full, g, tiles,
-                           out_strides, lse_strides, bs_strides, qk_scale,
-                           WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                           GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)
-            g += n_blocks
-            tiles += 1
+        _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+                       Out, Lse, OutScale, BlockScale, b, h, q_tok0, m0, sq, sk, n_blocks, n_full, g, i,
+                       out_strides, lse_strides, bs_strides, qk_scale,
+                       WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
+                       GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)
+        g += n_blocks
+        i += 1
+        tile = _read_tile(tile_ids, tile_full, tile_empty, i)
+    if PINGPONG and WG == 0:  # warpgroup 1's last arrive: every arrive meets a sync
+        _named_barrier(PINGPONG_BARRIER0, False)
 
 
 @gluon.jit
-def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
+def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
                    Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_pos0, seqlen_q, seqlen_k, n_blocks, n_full,
                    g0, tile_idx, out_strides, lse_strides, bs_strides, qk_scale,
                    WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
@@ -292,11 +337,11 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, t
     # Block 0: S_0, its softmax; its PV waits for the loop (pipelined one block behind).
     slot0 = g0 % NUM_STAGES
     mbarrier.wait(k_ready.index(slot0), (g0 // NUM_STAGES) & 1)
-    if PINGPONG:  # turn g0; warpgroup 0's very first turn has nobody to wait for
-        mbarrier.wait(turn.index(WG), (g0 + WG + 1) & 1, pred=g0 + WG > 0)
+    if PINGPONG:
+        _named_barrier(PINGPONG_BARRIER0 + WG, False)
     s_tok = _issue_qk(q, ks, slot0, s_zero, DB)
     if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG))
+        _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     # K_g0, and V_{g0-1} in the same slot: the previous tile's last block, whose PV is done
     mbarrier.arrive(kv_empty.index(slot0))
@@ -310,12 +355,12 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, t
     # unmasked loop's registers (in one loop ptxas kept them live and spilled).
     for j in range(1, n_full):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
             s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
     for j in range(gl.maximum(n_full, 1), n_blocks):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, turn, acc, p, m_i, l_i, alpha,
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
             s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
     # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
@@ -381,7 +426,7 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section"])
 def attn_fwd_ws_kernel(
-    q_desc, qb_desc, k_desc, kb_desc, v_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
+    q_desc, qb_desc, k_desc, kb_desc, v_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
     seqlen_q, seqlen_k, batch, num_heads, section, qk_scale,
@@ -393,8 +438,8 @@ def attn_fwd_ws_kernel(
     PV_FENCE: gl.constexpr = False,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
-    batch*heads per L2 section (_tile_coords). A grid of one CTA per tile is the
-    non-persistent kernel."""
+    batch*heads per L2 section (_tile_coords), TileCounter an int32 zero (tiles handed out
+    past the first grid's worth). A grid of one CTA per tile is the non-persistent kernel."""
     BLOCK_M: gl.constexpr = NUM_CONSUMERS * WG_ROWS
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
     num_bh = batch * num_heads
@@ -413,17 +458,23 @@ def attn_fwd_ws_kernel(
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
-    # turn[0], turn[1]: the consumers' ping-pong; turn[2]: completed once, never re-armed
-    turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS + 1, 1], mbarrier.MBarrierLayout())
+    # completed once, never re-armed: a wait on it passes at once (PV_FENCE)
+    always_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    # tile ids from the producer to the consumers: a two-entry ring
+    tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    tile_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    tile_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(tile_full.index(i), count=1)
+        mbarrier.init(tile_empty.index(i), count=NUM_CONSUMERS)
     for i in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(q_bar.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
-        mbarrier.init(turn.index(i), count=1)
-    mbarrier.init(turn.index(NUM_CONSUMERS), count=1)
-    mbarrier.arrive(turn.index(NUM_CONSUMERS))
+    mbarrier.init(always_done, count=1)
+    mbarrier.arrive(always_done)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -436,17 +487,20 @@ def attn_fwd_ws_kernel(
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     gl.warp_specialize([
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-                     Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+                     tile_ids, tile_full, tile_empty, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
+                     sched, num_heads, seqlen_q, seqlen_k,
                      out_strides, lse_strides, bs_strides, qk_scale,
                      0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
                      GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)),
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, turn,
-                     Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+                     tile_ids, tile_full, tile_empty, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
+                     sched, num_heads, seqlen_q, seqlen_k,
                      out_strides, lse_strides, bs_strides, qk_scale,
                      1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
                      GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)),
         (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
-                     q_bar, q_empty, k_ready, v_ready, kv_empty, sched, num_heads, seqlen_q, seqlen_k,
+                     q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter,
+                     num_heads, seqlen_q, seqlen_k,
                      CuSeqlensQ, CuSeqlensK, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -33,7 +33,7 @@ class WsConfig:
     block_n: int
     num_stages: int
     pingpong: bool = False
-    # one CTA per SM walking a tile list (forward._tile_coords); False: one CTA per tile
+    # one CTA per SM taking tiles as it frees up (forward._tile_coords); False: one CTA per tile
     persistent: bool = True
     consumer_regs: int = 240
     producer_regs: int = 24
@@ -182,6 +182,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
         fmt.scale if fmt.scale is not None else dummy,
         fmt.block_scale if fmt.block_scale is not None else dummy,
         p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
+        torch.zeros(1, dtype=torch.int32, device=p.q.device),  # the tile counter (forward._producer)
         *out_strides, *lse_strides, *fmt.block_scale_strides,
         p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p), softmax_scale * LOG2E,
         GROUP=p.num_heads // p.num_heads_kv, DA=da, DB=db, DV=p.head_dim_v,
