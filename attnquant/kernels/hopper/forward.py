@@ -135,6 +135,19 @@ def _tile_extent(pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlens
 
 
 @gluon.jit
+def _load_split(desc_a, desc_b, row, col, bar, smem_a, smem_b, DA: gl.constexpr, DB: gl.constexpr):
+    """TMA of a [rows, DA + DB] tile into smem_a (columns col ..) and, when DB > 0, smem_b
+    (col + DA ..); `bar` completes when all of it has landed."""
+    if DB > 0:
+        mbarrier.expect(bar, desc_a.block_type.nbytes + desc_b.block_type.nbytes)
+    else:
+        mbarrier.expect(bar, desc_a.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc_a, [row, col], bar, smem_a)
+    if DB > 0:
+        tma.async_copy_global_to_shared(desc_b, [row, col + DA], bar, smem_b)
+
+
+@gluon.jit
 def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty,
               sched, TileCounter, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK,
               GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -165,15 +178,8 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                 # A fresh mbarrier counts as having completed the phase before 0: the first
                 # waits on an "empty" barrier (parity 1) pass at once.
                 mbarrier.wait(q_empty.index(w), (i & 1) ^ 1)
-                if DB > 0:
-                    mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes + qb_desc.block_type.nbytes)
-                else:
-                    mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [q_row + w * WG_ROWS, q_col], q_bar.index(w),
-                                                q_smem.index(w))
-                if DB > 0:
-                    tma.async_copy_global_to_shared(qb_desc, [q_row + w * WG_ROWS, q_col + DA], q_bar.index(w),
-                                                    qb_smem.index(w))
+                _load_split(q_desc, qb_desc, q_row + w * WG_ROWS, q_col, q_bar.index(w), q_smem.index(w),
+                            qb_smem.index(w), DA, DB)
             # K_g goes to slot g % NUM_STAGES, V_g to slot (g + 1) % NUM_STAGES: then the
             # consumers' one release per block, kv_empty[g % NUM_STAGES] after block g, frees
             # K_g and V_{g-1} together (Gluon's arrive costs a warpgroup bar.sync: ncu counted
@@ -182,15 +188,8 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                 gj = g + j
                 slot = gj % NUM_STAGES
                 mbarrier.wait(kv_empty.index(slot), ((gj // NUM_STAGES) & 1) ^ 1)  # K_{g-S} released
-                if DB > 0:
-                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes + kb_desc.block_type.nbytes)
-                else:
-                    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, kv_col], k_ready.index(slot),
-                                                k_smem.index(slot))
-                if DB > 0:
-                    tma.async_copy_global_to_shared(kb_desc, [k_row + j * BLOCK_N, kv_col + DA],
-                                                    k_ready.index(slot), kb_smem.index(slot))
+                _load_split(k_desc, kb_desc, k_row + j * BLOCK_N, kv_col, k_ready.index(slot), k_smem.index(slot),
+                            kb_smem.index(slot), DA, DB)
                 v_slot = (gj + 1) % NUM_STAGES
                 mbarrier.wait(kv_empty.index(v_slot), (((gj + 1) // NUM_STAGES) & 1) ^ 1)  # V_{g-S} released
                 mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
@@ -487,16 +486,14 @@ def attn_fwd_ws_kernel(
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     gl.warp_specialize([
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
-                     tile_ids, tile_full, tile_empty, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
-                     sched, num_heads, seqlen_q, seqlen_k,
-                     out_strides, lse_strides, bs_strides, qk_scale,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+                     always_done, tile_ids, tile_full, tile_empty, Out, Lse, OutScale, BlockScale, CuSeqlensQ,
+                     CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale,
                      0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
                      GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)),
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
-                     tile_ids, tile_full, tile_empty, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
-                     sched, num_heads, seqlen_q, seqlen_k,
-                     out_strides, lse_strides, bs_strides, qk_scale,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+                     always_done, tile_ids, tile_full, tile_empty, Out, Lse, OutScale, BlockScale, CuSeqlensQ,
+                     CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale,
                      1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
                      GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)),
         (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
