@@ -26,6 +26,7 @@ SMEM_LIMIT = 227 * 1024 - 8 * 1024  # H100's opt-in maximum, less room for barri
 # K/V bytes of the heads one L2 section of the persistent schedule covers (forward._tile_coords):
 # the CTAs in flight span about two sections, and H100's L2 is 50 MB.
 L2_SECTION_BYTES = 16 << 20
+BLOCK_M = 128  # query rows per tile: the kernel's two consumer warpgroups x 64
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class WsConfig:
 
 def ws_config(head_dim: int, head_dim_v: int) -> WsConfig:
     """128-key blocks (64 past head dim 192), as many K/V stages as shared memory allows
-    (2-4); no consumer ping-pong (slower at d=128 in every run, perf-notes v7/v9)."""
+    (2-4); no consumer ping-pong (within noise at d=128, slower at d=192: perf-notes v11)."""
     block_n = 128 if max(head_dim, head_dim_v) <= 192 else 64
     for stages in (4, 3, 2):
         if _smem_bytes(head_dim, head_dim_v, block_n, stages) <= SMEM_LIMIT:
@@ -54,7 +55,7 @@ def ws_config(head_dim: int, head_dim_v: int) -> WsConfig:
 
 
 def _smem_bytes(d, dv, block_n, stages, elem=2):
-    return elem * (128 * d + stages * block_n * (d + dv))
+    return elem * (BLOCK_M * d + stages * block_n * (d + dv))
 
 
 def head_dims_supported(d: int, dv: int) -> bool:
@@ -162,7 +163,7 @@ def _descriptor(t: torch.Tensor, block_rows: int, cols: int, col_block: int):
 
 
 def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict, out_strides, lse_strides):
-    """Run the Gluon kernel: one CTA per SM (persistent) or per tile of 128 query rows."""
+    """Run the Gluon kernel: one CTA per SM (persistent) or per tile of BLOCK_M query rows."""
     from .forward import attn_fwd_ws_kernel
 
     cfg = ws_config(p.head_dim, p.head_dim_v)
@@ -174,7 +175,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     kb_desc = _descriptor(p.k, cfg.block_n, hkv_d, db) if db else k_desc
     v_desc = _descriptor(p.v, cfg.block_n, hkv_dv, p.head_dim_v)
     dummy = out
-    num_tiles = triton.cdiv(max(p.max_seqlen_q, 1), 128) * p.batch * p.num_heads
+    num_tiles = triton.cdiv(max(p.max_seqlen_q, 1), BLOCK_M) * p.batch * p.num_heads
     dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
     grid = (min(num_tiles, _num_sms(dev)) if cfg.persistent else num_tiles,)
     attn_fwd_ws_kernel[grid](
