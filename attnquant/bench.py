@@ -223,6 +223,7 @@ def gluon_variants():
         variants = {"default": base, "pingpong " + ("off" if base.pingpong else "on"):
                     replace(base, pingpong=not base.pingpong),
                     "persistent " + ("off" if base.persistent else "on"): replace(base, persistent=not base.persistent),
+                    "TMA store " + ("off" if base.tma_store else "on"): replace(base, tma_store=not base.tma_store),
                     "L2 sections 4 MB": 4 << 20, "L2 sections 64 MB": 64 << 20,
                     "no softmax (ablate)": replace(base, ablate=1), "no PV gemm (ablate)": replace(base, ablate=2)}
         base_section = hopper.L2_SECTION_BYTES

@@ -23,7 +23,7 @@ from attnquant.kernels.combine import combine_kernel
 from attnquant.kernels.forward import attn_fwd_kernel
 from attnquant.kernels.hopper.forward import attn_fwd_ws_kernel
 from attnquant.kernels.config import split_head_dim
-from attnquant.kernels.hopper.launch import ws_config
+from attnquant.kernels.hopper.launch import staging_fits, ws_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -65,25 +65,31 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
-                  pingpong=None):
+                  pingpong=None, tma_store=True):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
-    as it says unless `pingpong` is given)."""
+    as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
+    staging buffer fits, as in launch.tma_store_applies)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     cfg = ws_config(d, dv)
     da, db = split_head_dim(d)
 
-    def desc(rows, cols):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16)
-        return f"tensordesc<bf16[{rows}, {cols}],{layout!r}>"
+    def desc(rows, cols, dtype="bf16"):
+        gl_dtype = {"bf16": gl.bfloat16, "fp8e4nv": gl.float8e4nv, "fp8e5": gl.float8e5}[dtype]
+        layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
+        return f"tensordesc<{dtype}[{rows}, {cols}],{layout!r}>"
+
+    out_bytes = 2 if out in ("*bf16", "*fp16") else 1
+    tma_store = tma_store and staging_fits(d, dv, cfg, out_bytes)
 
     c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=varlen,
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
-             GROUP_SIZE=group_size, UE8M0=kind == 2, CONSUMER_REGS=cfg.consumer_regs,
+             GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence)
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
-            "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
+            "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
+            "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": "*fp32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "TileCounter": "*i32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
     return src, dict(num_warps=4, maxnreg=168)
@@ -110,7 +116,8 @@ VARIANTS = {
     "gluon d64 varlen non-causal, bf16 out": gluon_variant(out="*bf16", kind=0, d=64, dv=64, varlen=True,
                                                            causal=False),
     "gluon d256 gqa, e5m2 out": gluon_variant(out="*fp8e5", d=256, dv=256, group=4),
-    "gluon d128 gqa ping-pong, bf16 out": gluon_variant(out="*bf16", kind=0, group=4, pingpong=True),
+    "gluon d128 gqa ping-pong, bf16 register stores": gluon_variant(out="*bf16", kind=0, group=4, pingpong=True,
+                                                                    tma_store=False),
 }
 
 

@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
 done
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-if ! timeout 120 python3 scripts/gluon_smoke.py > "$OUT/smoke.log" 2>&1; then
+if ! timeout 240 python3 scripts/gluon_smoke.py > "$OUT/smoke.log" 2>&1; then
   echo "gluon smoke run failed or hung:"; tail -n 5 "$OUT/smoke.log"; exit 1
 fi
 tail -n 3 "$OUT/smoke.log"

@@ -161,3 +161,32 @@ def test_pingpong_option(monkeypatch, causal, dims):
     _small_grid(monkeypatch, 3, 1, 700, d, dv, dtype)
     q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype), randn(2, 700, 2, dv, dtype=dtype)
     _check(q, k, v, causal, torch.float8_e4m3fn)
+
+
+@needs_gluon
+@pytest.mark.parametrize("dims,kind,room", [((128, 128), "plain", True), ((128, 128), torch.float8_e4m3fn, True),
+                                            ((192, 128), "plain", False), ((192, 128), "group_ue8m0", True)],
+                         ids=str)
+@pytest.mark.parametrize("out_layout", ["contiguous", "strided"])
+def test_output_epilogue_paths(monkeypatch, dims, kind, room, out_layout):
+    """Whole 64-row tiles go out through shared memory and a TMA store where the staging tile
+    fits (not next to d=192's K/V ring in 16 bits) and `out` reads as a 2-D (tokens, H * Dv)
+    view (not a slice of a wider buffer); everything else, and the rows of a tile cut by the
+    sequence end (Sq = 300: tiles of 64 whole rows, and a last one of 44), store from registers."""
+    (d, dv), dtype = dims, DTYPES[0]
+    used = []
+    real = hopper.tma_store_applies
+    monkeypatch.setattr(hopper, "tma_store_applies", lambda *a: used.append(real(*a)) or used[-1])
+    b, sq, h, hkv = 2, 300, 4, 2
+    q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sq, hkv, d, dtype=dtype), randn(b, sq, hkv, dv, dtype=dtype)
+    ref_o, ref_lse = attention_ref_batched(q, k, v, causal=True)
+    eager_o, _ = attention_ref_batched(q, k, v, causal=True, eager_dtype=dtype)
+    fmt = make_format(kind, dtype, ref_o)
+    out = torch.empty(b, sq, h, dv * (1 if out_layout == "contiguous" else 2), dtype=fmt.dtype, device=DEVICE)
+    out = out[..., :dv]
+    res, lse = aq.flash_attn_func(q, k, v, causal=True, return_lse=True, backend="gluon", out=out,
+                                  **format_kwargs(fmt))
+    assert res.data_ptr() == out.data_ptr()
+    assert used == [room and out_layout == "contiguous"]
+    check_output(res, fmt, ref_o, eager_o, what=f"gluon {dims} {fmt.dtype} out {out_layout}")
+    check_lse(lse, ref_lse, "gluon epilogue paths")

@@ -279,12 +279,12 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_don
 
 @gluon.jit
 def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
-              Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
+              o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
               out_strides, lse_strides, bs_strides, qk_scale,
               WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_STAGES: gl.constexpr,
               VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
               OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-              ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
+              TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
     """One warpgroup: rows WG*64 .. +64 of each tile the producer publishes."""
     pid, nprog, num_tiles, num_m, num_bh, section = sched
     g = 0  # key blocks consumed so far (the producer's ring counter)
@@ -296,26 +296,28 @@ def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
             pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
-        _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
-                       Out, Lse, OutScale, BlockScale, b, h, q_tok0, m0, sq, sk, n_blocks, n_full, g, i,
+        _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
+                       Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq, sk, n_blocks, n_full, g, i,
                        out_strides, lse_strides, bs_strides, qk_scale,
                        WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                       GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)
+                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE)
         g += n_blocks
         i += 1
         tile = _read_tile(tile_ids, tile_full, tile_empty, i)
     if PINGPONG and WG == 0:  # warpgroup 1's last arrive: every arrive meets a sync
         _named_barrier(PINGPONG_BARRIER0, False)
+    if TMA_STORE:  # the shared memory of the last output tile stays alive until its store has read it
+        tma.store_wait(0)
 
 
 @gluon.jit
-def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
-                   Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_pos0, seqlen_q, seqlen_k, n_blocks, n_full,
+def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
+                   Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, q_pos0, seqlen_q, seqlen_k, n_blocks, n_full,
                    g0, tile_idx, out_strides, lse_strides, bs_strides, qk_scale,
                    WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
                    NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
                    OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-                   ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
+                   TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
     """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -385,8 +387,9 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     bs_row0 = b.to(gl.int64) * stride_bsb + tok0 * stride_bss + h.to(gl.int64) * stride_bsh
     _store_output(acc, gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), Out,
                   out_row0 + rows.to(gl.int64) * stride_os, row_ok, OutScale, BlockScale,
-                  bs_row0 + rows.to(gl.int64) * stride_bss, stride_bsg, DV, OUT_KIND, FP8_MAX, GROUP_SIZE,
-                  UE8M0, o_layout)
+                  bs_row0 + rows.to(gl.int64) * stride_bss, stride_bsg, q_pos0 + (WG + 1) * WG_ROWS <= seqlen_q,
+                  o_desc, o_smem.index(WG), q_row + WG * WG_ROWS, h * DV, DV, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+                  TMA_STORE, o_layout)
     if STORE_LSE:
         lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + tok0 * stride_ls
         lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
@@ -396,11 +399,14 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
 
 @gluon.jit
 def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, bs_rows, stride_bsg,
-                  DV: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                  UE8M0: gl.constexpr, layout: gl.constexpr):
+                  whole, o_desc, o_smem, o_row, o_col, DV: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                  UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, layout: gl.constexpr):
     """O = acc * row_factor in format OUT_KIND; the portable store_output's arithmetic
     (OUT_KIND 0 plain, 1 static FP8, 2 per-token-group FP8), without its reshape:
-    groups are masked column ranges, DV / GROUP_SIZE of them."""
+    groups are masked column ranges, DV / GROUP_SIZE of them. With TMA_STORE a whole tile
+    (all its rows inside the sequence) goes to o_smem and from there by TMA to rows o_row.., columns o_col.. of o_desc's
+    2-D (tokens, heads * DV) view (row stores of 2-byte pieces at the head stride cost the
+    load/store unit ~8 sectors per instruction; a TMA store writes whole lines)."""
     cols = gl.arange(0, DV, layout=gl.SliceLayout(0, layout))
     ptrs = Out + out_rows[:, None] + cols[None, :]
     mask = row_ok[:, None] & (cols < DV)[None, :]
@@ -420,12 +426,22 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
             gl.store(BlockScale + bs_rows + g * stride_bsg, sc, mask=row_ok)
             scales = gl.where(in_g, sc[:, None], scales)
         o = _to_fp8(o / scales, FP8_MAX, 0, 0, False)
-    gl.store(ptrs, o.to(Out.dtype.element_ty), mask=mask)
+    o = o.to(Out.dtype.element_ty)
+    if TMA_STORE:
+        if whole:
+            tma.store_wait(0)  # this warpgroup's previous tile has left o_smem
+            o_smem.store(o)
+            fence_async_shared()  # the generic-proxy writes, visible to the TMA (async proxy)
+            tma.async_copy_shared_to_global(o_desc, [o_row, o_col], o_smem)
+        else:
+            gl.store(ptrs, o, mask=mask)
+    else:
+        gl.store(ptrs, o, mask=mask)
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section"])
 def attn_fwd_ws_kernel(
-    q_desc, qb_desc, k_desc, kb_desc, v_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
+    q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
     seqlen_q, seqlen_k, batch, num_heads, section, qk_scale,
@@ -433,7 +449,7 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
+    TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
     PV_FENCE: gl.constexpr = False,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
@@ -455,6 +471,10 @@ def attn_fwd_ws_kernel(
         qb_smem = q_smem
         kb_smem = k_smem
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    if TMA_STORE:  # one output tile per consumer warpgroup, staged for its TMA store
+        o_smem = gl.allocate_shared_memory(o_desc.dtype, [NUM_CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
+    else:  # unused
+        o_smem = v_smem
     q_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     # completed once, never re-armed: a wait on it passes at once (PV_FENCE)
@@ -487,15 +507,15 @@ def attn_fwd_ws_kernel(
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     gl.warp_specialize([
         (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
-                     always_done, tile_ids, tile_full, tile_empty, Out, Lse, OutScale, BlockScale, CuSeqlensQ,
-                     CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale,
-                     0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                     GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)),
+                     always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
+                     CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
+                     bs_strides, qk_scale, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
+                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE)),
         (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
-                     always_done, tile_ids, tile_full, tile_empty, Out, Lse, OutScale, BlockScale, CuSeqlensQ,
-                     CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale,
-                     1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                     GROUP_SIZE, UE8M0, ABLATE, PV_FENCE)),
+                     always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
+                     CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
+                     bs_strides, qk_scale, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
+                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE)),
         (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
                      q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter,
                      num_heads, seqlen_q, seqlen_k,

@@ -22,11 +22,16 @@ from ..config import split_head_dim
 BACKENDS = ("auto", "gluon", "triton")
 BACKEND_ENV = "ATTNQUANT_BACKEND"
 LOG2E = 1.4426950408889634
-SMEM_LIMIT = 227 * 1024 - 8 * 1024  # H100's opt-in maximum, less room for barriers and layout scratch
+# Shared memory: the K/V stages are chosen to fit SMEM_LIMIT; the output staging buffer of the
+# TMA-store epilogue may then use the headroom up to SMEM_MAX (H100's opt-in maximum, 227 KB,
+# less room for the barriers and the tile-id ring: 512 B in the compiled kernels).
+SMEM_MAX = 227 * 1024 - 2 * 1024
+SMEM_LIMIT = 227 * 1024 - 8 * 1024
 # K/V bytes of the heads one L2 section of the persistent schedule covers (forward._tile_coords):
 # the CTAs in flight span about two sections, and H100's L2 is 50 MB.
 L2_SECTION_BYTES = 16 << 20
 BLOCK_M = 128  # query rows per tile: the kernel's two consumer warpgroups x 64
+WG_ROWS = BLOCK_M // 2  # one consumer warpgroup's rows: the Q and output TMA blocks
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ class WsConfig:
     # keep ptxas from hoisting the PV wait above the softmax (forward.py); fixes the SASS
     # schedule but measured -2%..+2% by shape (perf-notes v6), so off
     pv_fence: bool = False
+    # epilogue through shared memory and a TMA store where the staging buffer fits (full 64-row
+    # tiles; a tile cut by its sequence's end stores from registers); False: registers always
+    tma_store: bool = True
     ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
 
 
@@ -56,6 +64,18 @@ def ws_config(head_dim: int, head_dim_v: int) -> WsConfig:
 
 def _smem_bytes(d, dv, block_n, stages, elem=2):
     return elem * (BLOCK_M * d + stages * block_n * (d + dv))
+
+
+def staging_fits(d: int, dv: int, cfg: WsConfig, out_elem_bytes: int) -> bool:
+    """Room for the TMA-store epilogue's BLOCK_M x Dv output tile next to Q and the K/V ring."""
+    return _smem_bytes(d, dv, cfg.block_n, cfg.num_stages) + BLOCK_M * dv * out_elem_bytes <= SMEM_MAX
+
+
+def tma_store_applies(p, cfg: WsConfig, out: torch.Tensor) -> bool:
+    """The TMA-store epilogue: wanted, room for it, and `out` readable as a 2-D
+    (tokens, heads * Dv) view."""
+    return (cfg.tma_store and out.dtype in _GL_DTYPES and staging_fits(p.head_dim, p.head_dim_v, cfg, out.element_size())
+            and _views_ok(out, p.varlen))
 
 
 def head_dims_supported(d: int, dv: int) -> bool:
@@ -147,11 +167,14 @@ def unsupported_reason(p, causal: bool, window, softcap: float, num_splits: int,
     return None
 
 
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8e4nv",
+              torch.float8_e5m2: "float8e5"}
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_layout(block_shape, dtype):
     from triton.experimental.gluon import language as gl
-    return gl.NVMMASharedLayout.get_default_for(list(block_shape), gl.bfloat16 if dtype == torch.bfloat16
-                                                else gl.float16)
+    return gl.NVMMASharedLayout.get_default_for(list(block_shape), getattr(gl, _GL_DTYPES[dtype]))
 
 
 def _descriptor(t: torch.Tensor, block_rows: int, cols: int, col_block: int):
@@ -169,17 +192,19 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     cfg = ws_config(p.head_dim, p.head_dim_v)
     da, db = split_head_dim(p.head_dim)
     hd, hkv_d, hkv_dv = p.num_heads * p.head_dim, p.num_heads_kv * p.head_dim, p.num_heads_kv * p.head_dim_v
-    q_desc = _descriptor(p.q, 64, hd, da)
+    q_desc = _descriptor(p.q, WG_ROWS, hd, da)
     k_desc = _descriptor(p.k, cfg.block_n, hkv_d, da)
-    qb_desc = _descriptor(p.q, 64, hd, db) if db else q_desc
+    qb_desc = _descriptor(p.q, WG_ROWS, hd, db) if db else q_desc
     kb_desc = _descriptor(p.k, cfg.block_n, hkv_d, db) if db else k_desc
     v_desc = _descriptor(p.v, cfg.block_n, hkv_dv, p.head_dim_v)
+    tma_store = tma_store_applies(p, cfg, out)
+    o_desc = _descriptor(out, WG_ROWS, p.num_heads * p.head_dim_v, p.head_dim_v) if tma_store else v_desc
     dummy = out
     num_tiles = triton.cdiv(max(p.max_seqlen_q, 1), BLOCK_M) * p.batch * p.num_heads
     dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
     grid = (min(num_tiles, _num_sms(dev)) if cfg.persistent else num_tiles,)
     attn_fwd_ws_kernel[grid](
-        q_desc, qb_desc, k_desc, kb_desc, v_desc, out, lse if lse is not None else dummy,
+        q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, out, lse if lse is not None else dummy,
         fmt.scale if fmt.scale is not None else dummy,
         fmt.block_scale if fmt.block_scale is not None else dummy,
         p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
@@ -188,7 +213,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
         p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p), softmax_scale * LOG2E,
         GROUP=p.num_heads // p.num_heads_kv, DA=da, DB=db, DV=p.head_dim_v,
         BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=p.varlen, CAUSAL=causal,
-        PINGPONG=cfg.pingpong, STORE_LSE=lse is not None,
+        PINGPONG=cfg.pingpong, STORE_LSE=lse is not None, TMA_STORE=tma_store,
         OUT_KIND=epilogue["OUT_KIND"], FP8_MAX=epilogue["FP8_MAX"], GROUP_SIZE=epilogue["GROUP_SIZE"],
         UE8M0=epilogue["UE8M0"], CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
         ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence,
