@@ -3,6 +3,8 @@
     python -m attnquant.bench                   # the PERF.md shapes: prefill + decode tables
     python -m attnquant.bench --sweep           # portable-kernel tile / split sweeps (kernels/config.py)
     python -m attnquant.bench --gluon-variants  # Hopper kernel variants and ablations
+    python -m attnquant.bench --spread          # per-launch spread, Gluon kernel vs cuDNN
+    python -m attnquant.bench --power           # launch times next to the SM clock and power draw
 
 Prefill rows report µs and TFLOP/s (2*B*H*Sq*Sk*(D+Dv), halved for causal) for the Hopper
 Gluon kernel and the portable one; decode rows report µs and the TB/s at which K and V are
@@ -100,16 +102,18 @@ def prefill_table():
         cell = lambda us: f"{us:7.0f} ({tf(us):4.0f} TF)"  # noqa: E731
         bscale = torch.empty(b, sq, h * dv // 128, device="cuda")  # per-token-group FP8, G = 128, ue8m0
         g = dict(causal=causal, backend="gluon")
-        # the three outputs alternate over three rounds (median of each) so clock drift hits all
-        rounds = [(bench(lambda: aq.flash_attn_func(q, k, v, **g)),
-                   bench(lambda: aq.flash_attn_func(q, k, v, output_scale=scale, **g)),
-                   bench(lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g)))
-                  for _ in range(3)]
-        t_bf16, t_fp8, t_grp = (sorted(r[i] for r in rounds)[1] for i in (0, 1, 2))
-        t_port = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="triton"))
+        outs = (lambda: aq.flash_attn_func(q, k, v, **g),
+                lambda: aq.flash_attn_func(q, k, v, output_scale=scale, **g),
+                lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g))
+        portable = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="triton")  # noqa: E731
         sdpa, backend = _sdpa(q, k, v, causal)
+        sdpa_q = (lambda: quant(sdpa(), scale)) if sdpa else None
+        # the three outputs alternate over three rounds (median of each) so clock drift hits all
+        rounds = [tuple(bench(fn) for fn in outs) for _ in range(3)]
+        t_bf16, t_fp8, t_grp = (sorted(r[i] for r in rounds)[1] for i in (0, 1, 2))
+        t_port = bench(portable)
         t_sdpa = bench(sdpa) if sdpa else float("nan")
-        t_sdpa_q = bench(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
+        t_sdpa_q = bench(sdpa_q) if sdpa else float("nan")
         print(f"{name:<18} {cell(t_bf16)} {cell(t_fp8)} {t_fp8 / t_bf16:8.3f} {t_grp:13.0f} {t_grp / t_bf16:8.3f} "
               f"{cell(t_port)} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:10.0f} "
               f"{t_sdpa / t_fp8:8.2f} {tf(t_fp8) / FA4_SM90_TF[name]:7.2f}")
@@ -224,6 +228,7 @@ def gluon_variants():
                     replace(base, pingpong=not base.pingpong),
                     "persistent " + ("off" if base.persistent else "on"): replace(base, persistent=not base.persistent),
                     "TMA store " + ("off" if base.tma_store else "on"): replace(base, tma_store=not base.tma_store),
+                    "PV fence " + ("off" if base.pv_fence else "on"): replace(base, pv_fence=not base.pv_fence),
                     "L2 sections 4 MB": 4 << 20, "L2 sections 64 MB": 64 << 20,
                     "no softmax (ablate)": replace(base, ablate=1), "no PV gemm (ablate)": replace(base, ablate=2)}
         base_section = hopper.L2_SECTION_BYTES
@@ -233,7 +238,8 @@ def gluon_variants():
             else:
                 hopper.ws_config = lambda d_, dv_, cfg=variant: cfg
             try:
-                t = bench(lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon"))
+                fn = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")  # noqa: E731
+                t = bench(fn)
                 print(f"  {name:<18} {label:<22} {t:7.0f} ({flops / t * 1e-6:4.0f} TF)", flush=True)
             except Exception as e:  # noqa: BLE001 - e.g. a variant out of shared memory
                 print(f"  {name:<18} {label:<22} failed: {type(e).__name__}: {str(e)[:80]}")
@@ -263,11 +269,67 @@ def spread():
             print(f"  {name:<18} {label:<10} graph replay median {bench_graph(fn):6.0f}", flush=True)
 
 
+def power_trace(seconds=3.0):
+    """Is the spread the card's clock? Each prefill shape's Gluon kernel (fp8 out), then cuDNN,
+    back to back for `seconds` while nvidia-smi samples the SM clock, power draw and throttle
+    reasons every 50 ms; per 250 ms window: the median launch time next to the samples."""
+    import subprocess
+    import tempfile
+    import time
+
+    import numpy as np
+
+    fields = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    print("\npower trace (per 250 ms window: median µs per launch | SM MHz | W | °C | throttle reasons)")
+    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
+        if name not in ("prefill_mla_4k", "prefill_gqa_8k"):
+            continue
+        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+        scale = torch.tensor(0.02, device="cuda")
+        runs = {"gluon fp8": lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon"),
+                "SDPA bf16": _sdpa(q, k, v, causal)[0]}
+        for label, fn in runs.items():
+            fn()
+            torch.cuda.synchronize()
+            with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
+                smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
+                                        "-lms", "50", "-f", log.name])
+                time.sleep(0.3)
+                events, t0 = [], time.time()
+                while time.time() - t0 < seconds:  # launch in chunks, stamp the host time per chunk
+                    chunk = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                             for _ in range(10)]
+                    for a, z in chunk:
+                        a.record()
+                        fn()
+                        z.record()
+                    chunk[-1][1].synchronize()
+                    now = time.time() - t0
+                    events += [(now, a.elapsed_time(z) * 1e3) for a, z in chunk]
+                smi.terminate()
+                smi.wait()
+                samples = [line.split(", ") for line in open(log.name).read().splitlines() if line.count(",") == 4]
+                samples = samples[6:]  # the 0.3 s before the first launch
+            # nvidia-smi's timestamps are wall-clock strings: align the samples to the run evenly
+            span = len(samples)
+            for w in range(int(seconds / 0.25)):
+                ts = [t for when, t in events if w * 0.25 <= when < (w + 1) * 0.25]
+                sm = samples[int(w / (seconds / 0.25) * span):int((w + 1) / (seconds / 0.25) * span) or 1]
+                if not ts or not sm:
+                    continue
+                mhz = np.median([float(x[1]) for x in sm])
+                watts = np.median([float(x[2]) for x in sm])
+                reasons = sorted({x[4] for x in sm})
+                print(f"  {name:<16} {label:<10} {w * 250:5d} ms {np.median(ts):7.0f} µs | {mhz:5.0f} MHz | "
+                      f"{watts:4.0f} W | {sm[-1][3]} °C | {' '.join(reasons)}", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="tile-config and split sweeps instead of the tables")
     ap.add_argument("--gluon-variants", action="store_true", help="Gluon kernel variants / ablations only")
     ap.add_argument("--spread", action="store_true", help="run-to-run spread of the Gluon kernel and cuDNN")
+    ap.add_argument("--power", action="store_true", help="launch times next to the SM clock and power draw")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA GPU")
@@ -280,6 +342,9 @@ def main(argv=None):
         return
     if args.spread:
         spread()
+        return
+    if args.power:
+        power_trace()
         return
     prefill_table()
     decode_table()

@@ -31,8 +31,8 @@ if [ $TESTS = 1 ]; then
   timeout 420 python3 -m pytest -q -n 8 -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20; tail -n 2 "$OUT/pytest.log"
 fi
-timeout 150 python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"
-if [ $VARIANTS = 1 ]; then timeout 150 python3 -m attnquant.bench --gluon-variants 2>&1 | tee "$OUT/variants.log"; fi
+timeout 280 python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"
+if [ $VARIANTS = 1 ]; then timeout 250 python3 -m attnquant.bench --gluon-variants 2>&1 | tee "$OUT/variants.log"; fi
 timeout 40 python3 -m attnquant.demo 2>&1 | tee "$OUT/demo.log"
 if [ $SWEEP = 1 ]; then timeout 130 python3 -m attnquant.bench --sweep 2>&1 | tee "$OUT/sweep.log"; fi
 if [ $NCU = 1 ]; then

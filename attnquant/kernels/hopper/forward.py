@@ -222,7 +222,20 @@ def _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
     p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
     l_new = l_i * alpha + gl.sum(p, 1)
-    return p.to(p_dtype), m_new, l_new, alpha
+    return _pack_16bit(p, p_dtype), m_new, l_new, alpha
+
+
+@gluon.jit
+def _pack_16bit(x, dtype: gl.constexpr):
+    """x.to(dtype) for a 16-bit float dtype, two neighbouring elements per cvt, the first in the
+    low half: the register image the PV wgmma reads P in. x.to() lets ptxas pack the pair the
+    other way round and swap the halves back with one PRMT per register (32 per key block)."""
+    if dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.bfloat16, is_pure=True,
+                                         pack=2)
+    else:
+        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.float16, is_pure=True,
+                                         pack=2)
 
 
 @gluon.jit
