@@ -269,59 +269,85 @@ def spread():
             print(f"  {name:<18} {label:<10} graph replay median {bench_graph(fn):6.0f}", flush=True)
 
 
-def power_trace(seconds=3.0):
-    """Is the spread the card's clock? Each prefill shape's Gluon kernel (fp8 out), then cuDNN,
-    back to back for `seconds` while nvidia-smi samples the SM clock, power draw and throttle
-    reasons every 50 ms; per 250 ms window: the median launch time next to the samples."""
+# Shapes only --power uses: mla's shape with one K/V head per query head (is its slow mode
+# about every CTA streaming the same K/V?).
+POWER_SHAPES = [("mla_4k_as_mha", 2, 4096, 4096, 16, 16, 192, 128, True)]
+POWER_PLAN = ["prefill_mla_4k:gluon", "prefill_mla_4k:sdpa", "prefill_gqa_8k:gluon", "prefill_gqa_8k:sdpa"]
+
+
+def power_trace(plan=None, seconds=3.0):
+    """Is the spread the card's clock? Each step of `plan` ("shape:gluon|gluon64|sdpa[:pause s]",
+    a PREFILL or POWER_SHAPES name; the Gluon kernel with fp8 out — gluon64: with 64-key
+    blocks and as many stages as fit — or SDPA) runs back to back for `seconds` (after an
+    idle pause, if given) while nvidia-smi samples the SM clock, power draw and throttle
+    reasons every 50 ms; per 250 ms window: the median launch time next to them."""
+    import numpy as np
+
+    from attnquant.kernels.hopper import launch as hopper
+
+    base_config = hopper.ws_config
+    fields = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    shapes = {s[0]: s for s in PREFILL + POWER_SHAPES}
+    print("\npower trace (per 250 ms window: median µs per launch | SM MHz | W | °C | throttle reasons)")
+    for step in plan or POWER_PLAN:
+        name, kind, *pause = step.split(":")
+        _, b, sq, sk, h, hkv, d, dv, causal = shapes[name]
+        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+        scale = torch.tensor(0.02, device="cuda")
+        if kind.startswith("gluon"):  # "gluon64": 64-key blocks, as many stages as fit
+            config = hopper.ws_config(d, dv, block_n=64 if kind == "gluon64" else None)
+            hopper.ws_config = lambda d_, dv_, cfg=config: cfg
+            fn = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")  # noqa: E731
+        else:
+            fn = _sdpa(q, k, v, causal)[0]
+        try:
+            events, samples = _trace(fn, float(pause[0]) if pause else 0.0, seconds, fields)
+        finally:
+            hopper.ws_config = base_config
+        label = f"{kind} (pause {pause[0]} s)" if pause else kind
+        # nvidia-smi's timestamps are wall-clock strings: align the samples to the run evenly
+        windows = int(seconds / 0.25)
+        for w in range(windows):
+            ts = [t for when, t in events if w * 0.25 <= when < (w + 1) * 0.25]
+            sm = samples[w * len(samples) // windows:max((w + 1) * len(samples) // windows, 1)]
+            if not ts or not sm:
+                continue
+            mhz = np.median([float(x[1]) for x in sm])
+            watts = np.median([float(x[2]) for x in sm])
+            reasons = sorted({x[4] for x in sm})
+            print(f"  {name:<16} {label:<18} {w * 250:5d} ms {np.median(ts):7.0f} µs | {mhz:5.0f} MHz | "
+                  f"{watts:4.0f} W | {sm[-1][3]} °C | {' '.join(reasons)}", flush=True)
+
+
+def _trace(fn, pause, seconds, fields):
+    """fn once, `pause` s idle, then fn back to back for `seconds` under nvidia-smi sampling:
+    ([(host s since start, µs of one launch)], [nvidia-smi sample fields])."""
     import subprocess
     import tempfile
     import time
 
-    import numpy as np
-
-    fields = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
-    print("\npower trace (per 250 ms window: median µs per launch | SM MHz | W | °C | throttle reasons)")
-    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
-        if name not in ("prefill_mla_4k", "prefill_gqa_8k"):
-            continue
-        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
-        scale = torch.tensor(0.02, device="cuda")
-        runs = {"gluon fp8": lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon"),
-                "SDPA bf16": _sdpa(q, k, v, causal)[0]}
-        for label, fn in runs.items():
-            fn()
-            torch.cuda.synchronize()
-            with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
-                smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
-                                        "-lms", "50", "-f", log.name])
-                time.sleep(0.3)
-                events, t0 = [], time.time()
-                while time.time() - t0 < seconds:  # launch in chunks, stamp the host time per chunk
-                    chunk = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                             for _ in range(10)]
-                    for a, z in chunk:
-                        a.record()
-                        fn()
-                        z.record()
-                    chunk[-1][1].synchronize()
-                    now = time.time() - t0
-                    events += [(now, a.elapsed_time(z) * 1e3) for a, z in chunk]
-                smi.terminate()
-                smi.wait()
-                samples = [line.split(", ") for line in open(log.name).read().splitlines() if line.count(",") == 4]
-                samples = samples[6:]  # the 0.3 s before the first launch
-            # nvidia-smi's timestamps are wall-clock strings: align the samples to the run evenly
-            span = len(samples)
-            for w in range(int(seconds / 0.25)):
-                ts = [t for when, t in events if w * 0.25 <= when < (w + 1) * 0.25]
-                sm = samples[int(w / (seconds / 0.25) * span):int((w + 1) / (seconds / 0.25) * span) or 1]
-                if not ts or not sm:
-                    continue
-                mhz = np.median([float(x[1]) for x in sm])
-                watts = np.median([float(x[2]) for x in sm])
-                reasons = sorted({x[4] for x in sm})
-                print(f"  {name:<16} {label:<10} {w * 250:5d} ms {np.median(ts):7.0f} µs | {mhz:5.0f} MHz | "
-                      f"{watts:4.0f} W | {sm[-1][3]} °C | {' '.join(reasons)}", flush=True)
+    fn()
+    torch.cuda.synchronize()
+    time.sleep(pause)
+    with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
+        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
+                                "-lms", "50", "-f", log.name])
+        time.sleep(0.3)
+        events, t0 = [], time.time()
+        while time.time() - t0 < seconds:  # launch in chunks, stamp the host time per chunk
+            chunk = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                     for _ in range(10)]
+            for a, z in chunk:
+                a.record()
+                fn()
+                z.record()
+            chunk[-1][1].synchronize()
+            now = time.time() - t0
+            events += [(now, a.elapsed_time(z) * 1e3) for a, z in chunk]
+        smi.terminate()
+        smi.wait()
+        samples = [line.split(", ") for line in open(log.name).read().splitlines() if line.count(",") == 4]
+    return events, samples[6:]  # (the samples of the 0.3 s before the first launch dropped)
 
 
 def main(argv=None):
@@ -329,7 +355,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="tile-config and split sweeps instead of the tables")
     ap.add_argument("--gluon-variants", action="store_true", help="Gluon kernel variants / ablations only")
     ap.add_argument("--spread", action="store_true", help="run-to-run spread of the Gluon kernel and cuDNN")
-    ap.add_argument("--power", action="store_true", help="launch times next to the SM clock and power draw")
+    ap.add_argument("--power", nargs="*", metavar="SHAPE:gluon|sdpa[:PAUSE]",
+                    help="launch times next to the SM clock and power draw (default plan: POWER_PLAN)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA GPU")
@@ -343,8 +370,8 @@ def main(argv=None):
     if args.spread:
         spread()
         return
-    if args.power:
-        power_trace()
+    if args.power is not None:
+        power_trace(args.power)
         return
     prefill_table()
     decode_table()
