@@ -80,6 +80,11 @@ def _sdpa(q, k, v, causal):
 FA4_SM90_TF = {"prefill_mla_4k": 685, "prefill_mha_4k": 575, "prefill_gqa_8k": 627, "noncausal_mha_8k": 661}
 
 
+def _gluon_fp8(q, k, v, causal, scale):
+    """The Hopper kernel with static FP8 output: the call the variant, spread and power tools time."""
+    return lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")
+
+
 def _prefill_inputs(b, sq, sk, h, hkv, d, dv):
     torch.manual_seed(0)
     q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
@@ -238,7 +243,7 @@ def gluon_variants():
             else:
                 hopper.ws_config = lambda d_, dv_, cfg=variant: cfg
             try:
-                fn = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")  # noqa: E731
+                fn = _gluon_fp8(q, k, v, causal, scale)
                 t = bench(fn)
                 print(f"  {name:<18} {label:<22} {t:7.0f} ({flops / t * 1e-6:4.0f} TF)", flush=True)
             except Exception as e:  # noqa: BLE001 - e.g. a variant out of shared memory
@@ -258,7 +263,7 @@ def spread():
     for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
         q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
         scale = torch.tensor(0.02, device="cuda")
-        runs = {"gluon fp8": lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon"),
+        runs = {"gluon fp8": _gluon_fp8(q, k, v, causal, scale),
                 "SDPA bf16": _sdpa(q, k, v, causal)[0]}
         for _ in range(4):
             for label, fn in runs.items():
@@ -297,7 +302,7 @@ def power_trace(plan=None, seconds=3.0):
         if kind.startswith("gluon"):  # "gluon64": 64-key blocks, as many stages as fit
             config = hopper.ws_config(d, dv, block_n=64 if kind == "gluon64" else None)
             hopper.ws_config = lambda d_, dv_, cfg=config: cfg
-            fn = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")  # noqa: E731
+            fn = _gluon_fp8(q, k, v, causal, scale)
         else:
             fn = _sdpa(q, k, v, causal)[0]
         try:

@@ -440,6 +440,8 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
             scales = gl.where(in_g, sc[:, None], scales)
         o = _to_fp8(o / scales, FP8_MAX, 0, 0, False)
     o = o.to(Out.dtype.element_ty)
+    # Two register-store branches: with `if TMA_STORE and whole` Gluon would also compile the
+    # TMA branch when TMA_STORE is off, against the dummy o_desc / o_smem.
     if TMA_STORE:
         if whole:
             tma.store_wait(0)  # this warpgroup's previous tile has left o_smem
