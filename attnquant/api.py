@@ -233,10 +233,11 @@ def _lse_strides(lse: torch.Tensor, varlen: bool):
 
 
 def _prepare_out(p: _Problem, fmt: quant.OutputFormat, out: Optional[torch.Tensor]) -> torch.Tensor:
+    shape = fmt.out_shape(p.out_shape)
     if out is None:
-        return torch.empty(p.out_shape, dtype=fmt.dtype, device=p.q.device)
-    if tuple(out.shape) != p.out_shape:
-        raise ValueError(f"out must have shape {p.out_shape}, got {tuple(out.shape)}")
+        return torch.empty(shape, dtype=fmt.dtype, device=p.q.device)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
     _check_device("out", out, p.q.device)
     if out.stride(-1) != 1:
         raise ValueError("out must be contiguous in its last dimension")
@@ -247,7 +248,7 @@ def _epilogue_constexprs(fmt: quant.OutputFormat):
     fp8_max, mant, emin = _FP8_PARAMS.get(fmt.dtype, (0.0, 0, 0))
     return dict(
         OUT_KIND=fmt.kind, FP8_MAX=fp8_max, FP8_MANT=mant, FP8_EMIN=emin,
-        EMULATE_FP8_ROUNDING=_interpreting() and fmt.dtype in _FP8_PARAMS,
+        EMULATE_FP8_ROUNDING=_interpreting() and (fmt.dtype in _FP8_PARAMS or fmt.kind == quant.NVFP4),
         GROUP_SIZE=max(fmt.group_size, 1), UE8M0=fmt.ue8m0,
     )
 
@@ -305,6 +306,9 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
 
 def _format_from_op_args(out, output_scale, output_block_scale, group) -> quant.OutputFormat:
     """Rebuild the validated OutputFormat inside an op from its tensor / int-list arguments."""
+    if out.dtype in quant.NVFP4_DTYPES:
+        return quant.OutputFormat(quant.NVFP4, out.dtype, scale=output_scale, block_scale=output_block_scale,
+                                  group_size=group[0], block_scale_strides=tuple(group[2:6]))
     if output_block_scale is not None:
         return quant.OutputFormat(quant.FP8_GROUP, out.dtype, block_scale=output_block_scale, group_size=group[0],
                                   ue8m0=bool(group[1]), block_scale_strides=tuple(group[2:6]))
@@ -324,6 +328,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, l
     (G, ue8m0, block-scale strides per batch, token, head, group)."""
     p = _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
     fmt = _format_from_op_args(out, output_scale, output_block_scale, group)
+    out = _nvfp4_prologue(fmt, out, p.num_tokens, p.num_heads, p.head_dim_v)
     # The Hopper fast path: host planning checked that it applies, except (under torch.compile)
     # the pointers' alignment, known only here.
     if tile[5] and hopper.aligned_for_tma(q, k, v):
@@ -404,6 +409,21 @@ def _launch_kernels(p: _Problem, fmt: quant.OutputFormat, out, lse, num_splits, 
                 (l_buf, l_buf.stride(0), l_buf.stride(1), l_buf.stride(2)), num_splits, None,
                 out, (ob, os_, oh), lse, (lb, ls, lh), p.num_tokens, p.num_heads,
                 p.num_tokens if p.varlen else p.max_seqlen_q, p.head_dim_v, fmt)
+
+
+def _nvfp4_prologue(fmt: quant.OutputFormat, out: torch.Tensor, num_tokens: int, num_heads: int,
+                    head_dim_v: int) -> torch.Tensor:
+    """NVFP4 only: zero the block-scale padding the kernels do not reach (SPEC: padding rows and
+    columns read 0; rows past T exist when T % 128 != 0, columns when H * Dv / 16 % 4 != 0), and
+    hand the kernels out's bytes (a float4_e2m1fn_x2 tensor viewed as uint8)."""
+    if fmt.kind != quant.NVFP4:
+        return out
+    bs = fmt.block_scale.view(torch.uint8)
+    if (num_heads * head_dim_v // quant.NVFP4_BLOCK) % 4:
+        bs.zero_()
+    elif num_tokens % 128:
+        bs[num_tokens // 128 * 128:].zero_()  # the last 128-row tile: one contiguous piece
+    return out.view(torch.uint8)
 
 
 def _launch_combine(parts, parts_lse, num_splits, suffix, out, out_strides, lse, lse_strides, num_tokens,
@@ -564,6 +584,7 @@ def _merge(prefix_out: torch.Tensor, prefix_lse: torch.Tensor, suffix_out: torch
     """merge_attn_states as a torch op: writes out, lse and the per-group scales."""
     fmt = _format_from_op_args(out, output_scale, output_block_scale, group)
     t, h, dv = prefix_out.shape
+    out = _nvfp4_prologue(fmt, out, t, h, dv)
     with torch.cuda.device(out.device) if out.device.type == "cuda" else _nullcontext():
         _launch_combine(
             (prefix_out, 0, prefix_out.stride(0), prefix_out.stride(1)),
@@ -616,10 +637,11 @@ def merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, return_lse
         raise ValueError(f"the head dim {dv} of prefix_out is unsupported: expected at most 256")
     fmt = quant.resolve_output_format(prefix_out.dtype, device, out, out_dtype, output_scale, output_block_scale,
                                       ue8m0, (t,), h, dv)
+    shape = fmt.out_shape((t, h, dv))
     if out is None:
-        out = torch.empty((t, h, dv), dtype=fmt.dtype, device=device)
-    elif tuple(out.shape) != (t, h, dv) or out.device != device or out.stride(-1) != 1:
-        raise ValueError(f"out must be a ({t}, {h}, {dv}) tensor on {device}, contiguous in its last dimension")
+        out = torch.empty(shape, dtype=fmt.dtype, device=device)
+    elif tuple(out.shape) != shape or out.device != device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {shape} tensor on {device}, contiguous in its last dimension")
     lse = torch.empty((h, t), dtype=torch.float32, device=device) if return_lse else None
     if out.numel() == 0:
         return out, lse

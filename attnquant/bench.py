@@ -22,6 +22,7 @@ import triton
 
 import attnquant as aq
 from attnquant.kernels.config import FwdConfig
+from attnquant.quant import nvfp4_scale_shape
 
 PREFILL = [  # name, B, Sq, Sk, H, Hkv, D, Dv, causal
     ("prefill_mla_4k", 2, 4096, 4096, 16, 1, 192, 128, True),
@@ -97,7 +98,7 @@ def prefill_table():
     quant = _quant_fn()
     print("\nprefill (µs, TFLOP/s); 'gluon' = the Hopper warp-specialized kernel, 'portable' = the tl.* kernel")
     print(f"{'prefill shape':<18} {'gluon bf16':>16} {'gluon fp8':>16} {'fp8/bf16':>8} {'gluon grp fp8':>13} "
-          f"{'grp/bf16':>8} {'portable fp8':>16} {'SDPA bf16':>22} {'SDPA+quant':>10} {'fp8/SDPA':>8} "
+          f"{'grp/bf16':>8} {'gluon nvfp4':>11} {'fp4/bf16':>8} {'portable fp8':>16} {'SDPA bf16':>22} {'SDPA+quant':>10} {'fp8/SDPA':>8} "
           f"{'fp8/FA4':>7}")
     for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
         q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
@@ -106,21 +107,24 @@ def prefill_table():
         tf = lambda us: flops / us * 1e-6  # noqa: E731
         cell = lambda us: f"{us:7.0f} ({tf(us):4.0f} TF)"  # noqa: E731
         bscale = torch.empty(b, sq, h * dv // 128, device="cuda")  # per-token-group FP8, G = 128, ue8m0
+        fp4_scales = torch.empty(nvfp4_scale_shape(b * sq, h, dv), dtype=FP8, device="cuda")
         g = dict(causal=causal, backend="gluon")
         outs = (lambda: aq.flash_attn_func(q, k, v, **g),
                 lambda: aq.flash_attn_func(q, k, v, output_scale=scale, **g),
-                lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g))
+                lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g),
+                lambda: aq.flash_attn_func(q, k, v, out_dtype="nvfp4", output_scale=scale,
+                                           output_block_scale=fp4_scales, **g))
         portable = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="triton")  # noqa: E731
         sdpa, backend = _sdpa(q, k, v, causal)
         sdpa_q = (lambda: quant(sdpa(), scale)) if sdpa else None
-        # the three outputs alternate over three rounds (median of each) so clock drift hits all
+        # the outputs alternate over three rounds (median of each) so clock drift hits all
         rounds = [tuple(bench(fn) for fn in outs) for _ in range(3)]
-        t_bf16, t_fp8, t_grp = (sorted(r[i] for r in rounds)[1] for i in (0, 1, 2))
+        t_bf16, t_fp8, t_grp, t_fp4 = (sorted(r[i] for r in rounds)[1] for i in range(len(outs)))
         t_port = bench(portable)
         t_sdpa = bench(sdpa) if sdpa else float("nan")
         t_sdpa_q = bench(sdpa_q) if sdpa else float("nan")
         print(f"{name:<18} {cell(t_bf16)} {cell(t_fp8)} {t_fp8 / t_bf16:8.3f} {t_grp:13.0f} {t_grp / t_bf16:8.3f} "
-              f"{cell(t_port)} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:10.0f} "
+              f"{t_fp4:11.0f} {t_fp4 / t_bf16:8.3f} {cell(t_port)} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:10.0f} "
               f"{t_sdpa / t_fp8:8.2f} {tf(t_fp8) / FA4_SM90_TF[name]:7.2f}")
 
 

@@ -21,9 +21,16 @@ import torch
 PLAIN = 0  # bf16 / fp16 / fp32 output
 FP8_STATIC = 1  # out = sat(O / output_scale), per-tensor dequant scale read on device
 FP8_GROUP = 2  # per (token, head, group of G channels) scale written by the kernel
+NVFP4 = 3  # e2m1 pairs in bytes + e4m3 scale per 16 channels (swizzled 128x4), global scale read on device
+
+NVFP4_BLOCK = 16  # channels per NVFP4 block scale
+E2M1_MAX = 6.0
+# e2m1 magnitudes by code (the low three bits; bit 3 is the sign)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 PLAIN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+NVFP4_DTYPES = (torch.uint8,) + ((torch.float4_e2m1fn_x2,) if hasattr(torch, "float4_e2m1fn_x2") else ())
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -34,20 +41,35 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """What the epilogue writes. `kind` is PLAIN, FP8_STATIC or FP8_GROUP; `dtype` is out's dtype."""
+    """What the epilogue writes. `kind` is PLAIN, FP8_STATIC, FP8_GROUP or NVFP4; `dtype` is out's dtype."""
 
     kind: int
     dtype: torch.dtype
-    scale: Optional[torch.Tensor] = None  # FP8_STATIC: 1-element float32 dequant scale
-    block_scale: Optional[torch.Tensor] = None  # FP8_GROUP: the float32 scale tensor the kernel writes
-    group_size: int = 0  # FP8_GROUP: channels per scale (G)
+    # FP8_STATIC: 1-element float32 dequant scale; NVFP4: the global scale gs (out ~ O * gs / SF)
+    scale: Optional[torch.Tensor] = None
+    # FP8_GROUP: the float32 scale tensor the kernel writes; NVFP4: the e4m3 swizzled block scales
+    block_scale: Optional[torch.Tensor] = None
+    group_size: int = 0  # FP8_GROUP: channels per scale (G); NVFP4: 16
     ue8m0: bool = False  # FP8_GROUP: scales rounded up to powers of two
-    # FP8_GROUP: strides of block_scale per (batch, token, head, group); batch stride 0 for varlen
+    # FP8_GROUP: strides of block_scale per (batch, token, head, group); batch stride 0 for varlen.
+    # NVFP4: (tokens per batch, 1, 0, column groups of 4): the kernels form the flat token index
+    # b * Sq + t (t alone for varlen) as with strides, and the swizzle needs the column count.
     block_scale_strides: Tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
     def quantized(self) -> bool:
         return self.kind != PLAIN
+
+    def out_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        """The output tensor's shape for an attention output of `shape` (..., H, Dv): NVFP4
+        packs two channels a byte."""
+        return tuple(shape[:-1]) + (shape[-1] // 2,) if self.kind == NVFP4 else tuple(shape)
+
+
+def nvfp4_scale_shape(num_tokens: int, num_heads: int, head_dim_v: int) -> Tuple[int, int]:
+    """Shape of NVFP4's swizzled block-scale tensor: (round_up(T, 128), round_up(H * Dv / 16, 4))."""
+    cols = num_heads * head_dim_v // NVFP4_BLOCK
+    return -(-num_tokens // 128) * 128, -(-cols // 4) * 4
 
 
 def _check_scale_tensor(name: str, t, device: torch.device) -> None:
@@ -95,6 +117,37 @@ def _group_format(dtype, block_scale, device, token_shape, num_heads, head_dim_v
                         block_scale_strides=strides)
 
 
+def _nvfp4_format(dtype, global_scale, block_scale, device, token_shape, num_heads, head_dim_v, ue8m0):
+    """NVFP4: output_scale is the global scale gs, output_block_scale the e4m3fn tensor the
+    kernel fills in the 128x4 swizzled layout (both required: the caller needs the scales)."""
+    if ue8m0:
+        raise ValueError("ue8m0=True is only for per-group FP8 outputs, not NVFP4")
+    if global_scale is None:
+        raise ValueError("an NVFP4 output needs output_scale: the global scale gs (a 1-element float32 tensor)")
+    _check_scale_tensor("output_scale", global_scale, device)
+    if head_dim_v % NVFP4_BLOCK:
+        raise ValueError(f"NVFP4 output needs a head dim Dv divisible by {NVFP4_BLOCK}, got {head_dim_v}")
+    tokens = 1
+    for n in token_shape:
+        tokens *= n
+    shape = nvfp4_scale_shape(tokens, num_heads, head_dim_v)
+    if block_scale is None:
+        raise ValueError(f"an NVFP4 output needs output_block_scale: a float8_e4m3fn tensor of shape {shape} "
+                         "that the kernel fills (128x4 swizzled layout)")
+    if not isinstance(block_scale, torch.Tensor):
+        raise TypeError(f"output_block_scale must be a torch.Tensor, got {type(block_scale).__name__}")
+    if block_scale.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"output_block_scale must be float8_e4m3fn for NVFP4 outputs, got {block_scale.dtype}")
+    if block_scale.device != device:
+        raise ValueError(f"output_block_scale must be on the inputs' device {device}, got {block_scale.device}")
+    if tuple(block_scale.shape) != shape or not block_scale.is_contiguous():
+        raise ValueError(f"output_block_scale must be a contiguous {shape} tensor for NVFP4 "
+                         f"(round_up(T, 128), round_up(H * Dv / 16, 4)), got {tuple(block_scale.shape)}")
+    batch_tokens = token_shape[1] if len(token_shape) == 2 else 0
+    return OutputFormat(NVFP4, dtype, scale=global_scale, block_scale=block_scale, group_size=NVFP4_BLOCK,
+                        block_scale_strides=(batch_tokens, 1, 0, shape[1] // 4))
+
+
 def resolve_output_format(
     in_dtype: torch.dtype,
     device: torch.device,
@@ -115,7 +168,7 @@ def resolve_output_format(
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if out_dtype is not None and out_dtype != out.dtype:
+        if out_dtype is not None and out_dtype != out.dtype and not (out_dtype == "nvfp4" and out.dtype in NVFP4_DTYPES):
             raise ValueError(f"out_dtype={out_dtype} disagrees with out.dtype={out.dtype}")
         dtype = out.dtype
     elif out_dtype is not None:
@@ -127,8 +180,11 @@ def resolve_output_format(
     if not isinstance(ue8m0, bool):
         raise TypeError(f"ue8m0 must be a bool, got {type(ue8m0).__name__}")
 
-    if dtype == "nvfp4" or dtype in (torch.uint8, getattr(torch, "float4_e2m1fn_x2", None)):
-        raise NotImplementedError("NVFP4 output is not implemented yet (out_dtype='nvfp4')")
+    if dtype == "nvfp4" or dtype in NVFP4_DTYPES:
+        if output_block_scale is not None and output_scale is None:
+            raise ValueError("an NVFP4 output needs output_scale (the global scale gs) next to output_block_scale")
+        return _nvfp4_format(torch.uint8 if dtype == "nvfp4" else dtype, output_scale, output_block_scale, device,
+                             tuple(token_shape), num_heads, head_dim_v, ue8m0)
     if isinstance(dtype, str):
         raise ValueError(f"out_dtype must be a torch dtype or 'nvfp4', got {dtype!r}")
 
@@ -157,7 +213,8 @@ def resolve_output_format(
         return OutputFormat(FP8_STATIC, dtype, scale=output_scale)
 
     raise TypeError(
-        f"unsupported output dtype {dtype}: expected bfloat16, float16, float32, float8_e4m3fn or float8_e5m2"
+        f"unsupported output dtype {dtype}: expected bfloat16, float16, float32, float8_e4m3fn, float8_e5m2 "
+        "or NVFP4 ('nvfp4', uint8, float4_e2m1fn_x2)"
     )
 
 
@@ -184,15 +241,67 @@ def quantize_fp8_group(o: torch.Tensor, group: int, dtype: torch.dtype, ue8m0: b
     return q, s
 
 
+def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes (sign in bit 3) of float64 x: the nearest of E2M1_VALUES after clamping to
+    +-6, ties to the even code, chosen by distance to every grid point."""
+    grid = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=x.device)
+    dist = (x.abs().clamp(max=E2M1_MAX)[..., None] - grid).abs()
+    nearest = dist == dist.min(-1, keepdim=True).values
+    odd = torch.arange(8, device=x.device) % 2 == 1
+    code = torch.where(nearest & ~odd, 0, 1).argmin(-1)  # an even nearest code if there is one
+    code = torch.where((nearest & ~odd).any(-1), code, nearest.int().argmax(-1))
+    return code.to(torch.uint8) | torch.where(x < 0, 8, 0).to(torch.uint8)
+
+
+def quantize_nvfp4(o: torch.Tensor, global_scale: torch.Tensor):
+    """NVFP4 of o (..., Dv): returns (packed uint8 (..., Dv // 2), block scales e4m3fn (..., Dv // 16)).
+    Per block of 16: SF = e4m3(gs * amax / 6) (saturated); q = e2m1(O * gs / SF), 0 where SF == 0;
+    two codes a byte, the even channel in the low nibble."""
+    gs = global_scale.double().reshape(())
+    g = o.double().unflatten(-1, (-1, NVFP4_BLOCK))
+    sf = (gs * g.abs().amax(-1) / E2M1_MAX).clamp(max=fp8_max(torch.float8_e4m3fn)).float()
+    sf = sf.to(torch.float8_e4m3fn)
+    sf_d = sf.double()[..., None]
+    scaled = torch.where(sf_d > 0, g * gs / torch.where(sf_d > 0, sf_d, 1.0), 0.0)
+    codes = _round_e2m1(scaled).flatten(-2)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), sf
+
+
+def nvfp4_swizzle_offsets(rows: int, cols: int, device=None) -> torch.Tensor:
+    """(rows, cols) int64: flat byte offset of block scale (token m, column k) in the 128x4
+    swizzled layout (SPEC.md), cols = the padded column count (a multiple of 4)."""
+    m = torch.arange(rows, device=device)[:, None]
+    k = torch.arange(cols, device=device)[None, :]
+    return ((m // 128) * (cols // 4) + k // 4) * 512 + (m % 32) * 16 + ((m // 32) % 4) * 4 + k % 4
+
+
+def unswizzle_block_scale(block_scale: torch.Tensor, num_tokens: int, num_cols: int) -> torch.Tensor:
+    """The (num_tokens, num_cols) logical scales of a swizzled NVFP4 block-scale tensor."""
+    rows, cols = block_scale.shape
+    offs = nvfp4_swizzle_offsets(rows, cols, block_scale.device)[:num_tokens, :num_cols]
+    return block_scale.reshape(-1)[offs.reshape(-1)].reshape(num_tokens, num_cols)
+
+
+def dequantize_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """Float64 values of packed e2m1 pairs (..., Dv // 2) -> (..., Dv)."""
+    b = packed.view(torch.uint8)
+    codes = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2).long()
+    grid = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=b.device)
+    return torch.where(codes >= 8, -1.0, 1.0).double() * grid[codes & 7]
+
+
 def dequantize(out: torch.Tensor, fmt: OutputFormat, block_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Float64 view of what the next GEMM would see: out * scale for FP8, out for plain.
-    FP8_GROUP takes the per-group scales in their logical shape (..., H, Dv // G)."""
+    FP8_GROUP and NVFP4 take the block scales in their logical shape (..., H, Dv // G)."""
     if fmt.kind == PLAIN:
         return out.double()
     if fmt.kind == FP8_STATIC:
         return out.double() * fmt.scale.double()
     if fmt.kind == FP8_GROUP:
         return out.double() * block_scale.double().repeat_interleave(fmt.group_size, dim=-1)
+    if fmt.kind == NVFP4:
+        sf = block_scale.double().repeat_interleave(NVFP4_BLOCK, dim=-1)
+        return dequantize_e2m1(out) * sf / fmt.scale.double().reshape(())
     raise ValueError(f"unknown output kind {fmt.kind}")
 
 
@@ -205,4 +314,6 @@ def quantize(o: torch.Tensor, fmt: OutputFormat):
         return quantize_fp8_static(o, fmt.scale, fmt.dtype), None
     if fmt.kind == FP8_GROUP:
         return quantize_fp8_group(o, fmt.group_size, fmt.dtype, fmt.ue8m0)
+    if fmt.kind == NVFP4:
+        return quantize_nvfp4(o, fmt.scale)
     raise ValueError(f"unknown output kind {fmt.kind}")

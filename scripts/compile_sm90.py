@@ -43,10 +43,10 @@ def signature(fn, pointers, constexprs):
     return sig
 
 
-def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
+def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
                     paged=False, page=1, block_ptr=False, varlen=False, window=(False, True), softcap=False):
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": out, "Lse": "*fp32", "OutScale": "*fp32",
-            "BlockScale": "*fp32", "BlockTable": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqUsedK": "*i32"}
+            "BlockScale": bs, "BlockTable": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqUsedK": "*i32"}
     c = dict(GROUP=group, DV=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv,
              VARLEN_Q=varlen, VARLEN_K=varlen, HAS_SEQUSED=paged, PAGED=paged, PAGE_SIZE=page, BLOCK_PTR=block_ptr,
              WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, STORE_LSE=True,
@@ -56,9 +56,9 @@ def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, group=1, da=
     return src, dict(num_warps=warps, num_stages=stages)
 
 
-def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*fp32", suffix=False):
+def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*fp32", suffix=False, bs="*fp32"):
     ptrs = {"OPart": parts, "LsePart": "*fp32", "OSuffix": parts, "LseSuffix": "*fp32", "Out": out, "Lse": "*fp32",
-            "OutScale": "*fp32", "BlockScale": "*fp32"}
+            "OutScale": "*fp32", "BlockScale": bs}
     c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, HAS_SUFFIX=suffix, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, FP8_MANT=3, FP8_EMIN=-6,
              EMULATE_FP8_ROUNDING=False, GROUP_SIZE=group_size, UE8M0=ue8m0)
     return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
@@ -81,7 +81,7 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
         return f"tensordesc<{dtype}[{rows}, {cols}],{layout!r}>"
 
     out_bytes = 2 if out in ("*bf16", "*fp16") else 1
-    tma_store = tma_store and staging_fits(d, dv, cfg, out_bytes)
+    tma_store = tma_store and kind != 3 and staging_fits(d, dv, cfg, out_bytes)  # NVFP4: register stores
 
     c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=varlen,
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
@@ -90,7 +90,8 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
             "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
-            "OutScale": "*fp32", "BlockScale": "*fp32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "TileCounter": "*i32"}
+            "OutScale": "*fp32", "BlockScale": "*fp8e4nv" if kind == 3 else "*fp32", "CuSeqlensQ": "*i32",
+            "CuSeqlensK": "*i32", "TileCounter": "*i32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
     return src, dict(num_warps=4, maxnreg=168)
 
@@ -110,12 +111,16 @@ VARIANTS = {
                                                               stages=5, paged=True, page=64, block_ptr=True),
     "split combine, fp8 out": combine_variant(),
     "split combine, group fp8 (G=128)": combine_variant(kind=2, group_size=128),
+    "split combine, nvfp4": combine_variant(out="*u8", kind=3, group_size=16, bs="*fp8e4nv"),
+    "prefill d128 gqa, nvfp4 out": forward_variant(out="*u8", kind=3, group_size=16, bs="*fp8e4nv", group=4),
     "merge_attn_states, bf16 parts, fp8 out": combine_variant(parts="*bf16", suffix=True),
     "gluon d128 causal, fp8 out": gluon_variant(),
     "gluon d192-128 mqa, group fp8 (G=128)": gluon_variant(kind=2, group_size=128, d=192, group=16),
     "gluon d64 varlen non-causal, bf16 out": gluon_variant(out="*bf16", kind=0, d=64, dv=64, varlen=True,
                                                            causal=False),
     "gluon d256 gqa, e5m2 out": gluon_variant(out="*fp8e5", d=256, dv=256, group=4),
+    "gluon d128 gqa, nvfp4 out": gluon_variant(out="*u8", kind=3, group_size=16, group=4),
+    "gluon d192-128 mqa, nvfp4 out": gluon_variant(out="*u8", kind=3, group_size=16, d=192, group=16),
     "gluon d128 gqa ping-pong, bf16 register stores": gluon_variant(out="*bf16", kind=0, group=4, pingpong=True,
                                                                     tma_store=False),
 }

@@ -28,9 +28,13 @@ def randn(*shape, dtype=torch.float16, scale=1.0):
 
 
 def make_format(kind, in_dtype, ref_o):
-    """kind: 'plain' | fp8 dtype (static scale) | 'group' | 'group_ue8m0'. The static scale puts max|O| near the middle of the FP8 range."""
+    """kind: 'plain' | fp8 dtype (static scale) | 'group' | 'group_ue8m0' | 'nvfp4'. The static
+    scale puts max|O| near the middle of the FP8 range."""
     if kind == "plain":
         return quant.OutputFormat(quant.PLAIN, in_dtype)
+    if kind == "nvfp4":  # vLLM's usual global scale, 448 * 6 / amax
+        *tokens, h, dv = ref_o.shape
+        return nvfp4_format(math.prod(tokens), h, dv, (448 * 6 / ref_o.abs().max().clamp_min(1e-6)).float())
     if kind in ("group", "group_ue8m0"):  # per-token-group FP8 with DeepGEMM-style column-major scales
         *tokens, h, dv = ref_o.shape
         return group_format(torch.float8_e4m3fn, tuple(tokens), h, dv, 64 if dv % 64 == 0 else 16,
@@ -59,9 +63,20 @@ def group_format(dtype, token_shape, h, dv, group, ue8m0=False, layout="flat"):
     return quant.OutputFormat(quant.FP8_GROUP, dtype, block_scale=bs, group_size=group, ue8m0=ue8m0)
 
 
+def nvfp4_format(num_tokens, h, dv, global_scale, out_dtype=torch.uint8):
+    """An NVFP4 format whose swizzled block-scale tensor is filled with NaN (0xFF): the kernel must
+    write every entry, the padding as 0."""
+    shape = quant.nvfp4_scale_shape(num_tokens, h, dv)
+    bs = torch.full(shape, 0xFF, dtype=torch.uint8, device=DEVICE).view(torch.float8_e4m3fn)
+    return quant.OutputFormat(quant.NVFP4, out_dtype, scale=global_scale.reshape(()).to(DEVICE), block_scale=bs,
+                              group_size=quant.NVFP4_BLOCK)
+
+
 def format_kwargs(fmt):
     if fmt.kind == quant.PLAIN:
         return dict(out_dtype=fmt.dtype)
+    if fmt.kind == quant.NVFP4:
+        return dict(out_dtype="nvfp4", output_scale=fmt.scale, output_block_scale=fmt.block_scale)
     if fmt.kind == quant.FP8_GROUP:
         return dict(out_dtype=fmt.dtype, output_block_scale=fmt.block_scale, ue8m0=fmt.ue8m0)
     return dict(out_dtype=fmt.dtype, output_scale=fmt.scale)
@@ -72,6 +87,8 @@ def _top_step(fmt, ref):
     amax = ref.abs().max().item()
     if fmt.kind == quant.PLAIN:
         return torch.finfo(fmt.dtype).eps * 2.0 ** math.floor(math.log2(max(amax, 1e-30)))
+    if fmt.kind == quant.NVFP4:  # the top e2m1 step (4 -> 6) of the largest block, SF up to amax * gs / 6
+        return 2.0 * (amax * 1.07 / 6)
     if fmt.kind == quant.FP8_GROUP:  # the largest group's scale: amax / fp8_max (x2 at most with ue8m0)
         s = 2 * amax / quant.fp8_max(fmt.dtype)
     else:
@@ -82,8 +99,13 @@ def _top_step(fmt, ref):
 
 
 def logical_block_scale(fmt, out):
-    """The kernel-written per-group scales viewed as (..., H, Dv // G)."""
+    """The kernel-written per-group scales viewed as (..., H, Dv // G); NVFP4's read out of their
+    swizzled layout."""
     bs = fmt.block_scale
+    if fmt.kind == quant.NVFP4:
+        *tokens, h, half_dv = out.shape
+        nb = 2 * half_dv // quant.NVFP4_BLOCK
+        return quant.unswizzle_block_scale(bs, math.prod(tokens), h * nb).reshape(*tokens, h, nb)
     return bs if bs.dim() == out.dim() else bs.unflatten(-1, (out.shape[-2], -1))
 
 
@@ -93,8 +115,10 @@ def check_output(out, fmt, ref_o, eager_o, softcap=0.0, what=""):
     of the format at the largest magnitudes. Per-group scales: within 1% of the reference
     quantizer's (exact powers of two with ue8m0, but for amax on a power-of-two boundary)."""
     assert out.dtype == fmt.dtype, (out.dtype, fmt.dtype)
-    assert out.shape == ref_o.shape, (out.shape, ref_o.shape)
-    kernel_scales = logical_block_scale(fmt, out) if fmt.kind == quant.FP8_GROUP else None
+    assert out.shape == fmt.out_shape(ref_o.shape), (out.shape, ref_o.shape)
+    kernel_scales = logical_block_scale(fmt, out) if fmt.kind in (quant.FP8_GROUP, quant.NVFP4) else None
+    if fmt.kind == quant.NVFP4:
+        check_nvfp4_scales(fmt, kernel_scales, ref_o, what)
     deq = quant.dequantize(out, fmt, kernel_scales)
     assert torch.isfinite(deq).all(), f"{what}: non-finite output"
     eager_q, eager_scales = quant.quantize(eager_o.float(), fmt)
@@ -119,6 +143,26 @@ def check_output(out, fmt, ref_o, eager_o, softcap=0.0, what=""):
     rel = err.norm().item() / max(ref_o.norm().item(), 1e-30)
     rel_eager = err_eager.norm().item() / max(ref_o.norm().item(), 1e-30)
     assert rel <= mult * rel_eager + 1e-6, f"{what}: relative error {rel:.3e} > {mult} x eager {rel_eager:.3e}"
+
+
+def check_nvfp4_scales(fmt, kernel_scales, ref_o, what=""):
+    """NVFP4 block scales: each within one e4m3 step (2**-3 relative, or one subnormal step) of
+    the reference quantizer's SF, 0 exactly where the reference block is all zeros, and the
+    swizzled tensor's padding entries 0."""
+    _, ref_sf = quant.quantize(ref_o.float(), fmt)
+    k, r = kernel_scales.double(), ref_sf.double()
+    assert torch.isfinite(k).all(), f"{what}: NVFP4 block scale not written (NaN left)"
+    assert torch.equal(k == 0, r == 0) or (torch.maximum(k, r)[(k == 0) != (r == 0)] <= 2 ** -9).all(), \
+        f"{what}: NVFP4 zero scales differ"
+    assert ((k - r).abs() <= torch.maximum(0.126 * r, torch.full_like(r, 2 ** -9))).all(), \
+        f"{what}: NVFP4 block scales off by more than one e4m3 step"
+    *tokens, h, nb = kernel_scales.shape
+    t = math.prod(tokens)
+    rows, cols = fmt.block_scale.shape
+    used = torch.zeros(rows * cols, dtype=torch.bool, device=k.device)
+    used[quant.nvfp4_swizzle_offsets(rows, cols, k.device)[:t, :h * nb].reshape(-1)] = True
+    pad = fmt.block_scale.reshape(-1).view(torch.uint8)[~used]
+    assert (pad == 0).all(), f"{what}: NVFP4 block-scale padding not zeroed"
 
 
 def check_lse(lse, ref_lse, what=""):

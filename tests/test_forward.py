@@ -11,7 +11,7 @@ from .helpers import (BACKENDS, DEVICE, DTYPES, FP8, HEAD_DIMS, ON_GPU, check_ls
                       gluon_takes, make_format, randn)
 
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
-OUT_KINDS = ["plain"] + FP8
+OUT_KINDS = ["plain"] + FP8 + ["nvfp4"]
 # (B, Sq, Sk): ragged sizes that cross several tiles, Sq != Sk to exercise bottom-right causal.
 SIZES = (2, 197, 260) if ON_GPU else (2, 19, 37)
 
@@ -212,3 +212,40 @@ def test_group_fp8_head_dims(dims, group, fp8, backend):
     fmt = group_format(fp8, (b, sq), h, dv, group, layout="heads")
     out, _ = aq.flash_attn_func(q, k, v, causal=True, backend=backend, **format_kwargs(fmt))
     check_output(out, fmt, ref_o, eager_o, what=f"group G={group} {dims} {fp8}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gs", [1.0, 1e6, 1e-9], ids=["ties", "sf_saturates", "sf_underflows"])
+def test_nvfp4_exact_bytes(gs, backend):
+    """NVFP4 bit for bit against the reference quantizer. Each query sees one key so strongly
+    (q_i = 100 e_i, k_j = e_j) that O_i = V_i exactly; each 16-channel block of V is 2**e times
+    values on e2m1's rounding ties (0.25, 0.75, ..., 5) and grid points, with a +-6 setting
+    SF = gs * 2**e exactly. gs = 1e6 saturates SF at 448 (codes clamp to +-6), gs = 1e-9 flushes
+    SF to 0 (output 0). 96 tokens x 2 heads x 4 blocks: padding rows 96..127 must read 0."""
+    from .helpers import nvfp4_format
+
+    b, s, h, d = 2, 48, 2, 64
+    eye = torch.eye(s, d, device=DEVICE)
+    q = (100 * eye)[None, :, None, :].expand(b, s, h, d).to(DTYPES[-1])
+    k = eye[None, :, None, :].expand(b, s, h, d).to(DTYPES[-1])
+    vals = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 0.1, 0.3],
+                        device=DEVICE)
+    blocks = vals[torch.randint(0, len(vals), (b, s, h, d // 16, 16), device=DEVICE)]
+    blocks[..., 0] = 6.0
+    blocks = blocks * torch.where(torch.rand_like(blocks) < 0.5, -1.0, 1.0)
+    blocks = blocks * torch.exp2(torch.randint(-3, 3, (b, s, h, d // 16, 1), device=DEVICE).float())
+    v = blocks.flatten(-2).to(DTYPES[-1])
+    fmt = nvfp4_format(b * s, h, d, torch.tensor(gs))
+    out = torch.empty(b, s, h, d // 2, dtype=getattr(torch, "float4_e2m1fn_x2", torch.uint8), device=DEVICE)
+    res, _ = aq.flash_attn_func(q, k, v, softmax_scale=1.0, out=out, output_scale=fmt.scale,
+                                output_block_scale=fmt.block_scale, backend=backend)
+    assert res is out
+    ref_q, ref_sf = quant.quantize_nvfp4(v.double(), fmt.scale)
+    assert torch.equal(out.view(torch.uint8), ref_q), "packed e2m1 bytes differ"
+    from .helpers import check_nvfp4_scales, logical_block_scale
+    assert torch.equal(logical_block_scale(fmt, out).view(torch.uint8), ref_sf.view(torch.uint8))
+    check_nvfp4_scales(fmt, logical_block_scale(fmt, out), v.double(), "exact")
+    if gs == 1e6:
+        assert ((ref_q & 0x77) == 0x77).all()  # every code saturated at 6
+    elif gs == 1e-9:
+        assert (ref_q == 0).all() and (ref_sf.float() == 0).all()

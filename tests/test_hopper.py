@@ -81,7 +81,7 @@ def _check(q, k, v, causal, kind, **kw):
 
 
 @needs_gluon
-@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn, "group_ue8m0"], ids=str)
+@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn, "group_ue8m0", "nvfp4"], ids=str)
 @pytest.mark.parametrize("sq,sk", [(1100, 1100), (700, 1500), (1500, 700)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)

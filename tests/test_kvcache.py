@@ -34,7 +34,7 @@ def decode_inputs(dtype, sq, heads, dims=(128, 128), lens=LENS):
     return q, kc, vc, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("kind", ["plain"] + FP8 + ["group", "group_ue8m0"], ids=str)
+@pytest.mark.parametrize("kind", ["plain"] + FP8 + ["group", "group_ue8m0", "nvfp4"], ids=str)
 @pytest.mark.parametrize("num_splits", [1, 4, 0])
 @pytest.mark.parametrize("sq", [1, 2, 4])
 @pytest.mark.parametrize("heads", [(8, 1), (4, 4)], ids=["gqa8", "mha"])

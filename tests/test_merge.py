@@ -36,7 +36,7 @@ def partials(dtype):
     return o1, l1, o2, l2
 
 
-@pytest.mark.parametrize("kind", ["plain"] + FP8 + ["group", "group_ue8m0"], ids=str)
+@pytest.mark.parametrize("kind", ["plain"] + FP8 + ["group", "group_ue8m0", "nvfp4"], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
 def test_merge(dtype, kind):
     o1, l1, o2, l2 = partials(dtype)

@@ -236,10 +236,42 @@ def test_group_scale_rejected(name, kw, exc, msg):
     assert torch.equal(out.float(), before.float())
 
 
-@pytest.mark.parametrize("which", ["nvfp4"])
-def test_later_formats_not_implemented(which):
-    """NVFP4 is a later issue: refused loudly, never half-written."""
+def nvfp4_scales(rows=128, cols=16):  # (2, 8) tokens x 4 heads x 64 / 16 blocks
+    return torch.zeros(rows, cols, device=DEVICE).to(torch.float8_e4m3fn)
+
+
+NVFP4_CASES = [
+    ("no global scale", lambda: dict(out_dtype="nvfp4", output_block_scale=nvfp4_scales()), ValueError,
+     "output_scale"),
+    ("no block scale", lambda: dict(out_dtype="nvfp4", output_scale=scale(1.0)), ValueError, "output_block_scale"),
+    ("block scale dtype", lambda: dict(out_dtype="nvfp4", output_scale=scale(1.0),
+                                       output_block_scale=torch.zeros(128, 16, device=DEVICE)), ValueError,
+     "float8_e4m3fn"),
+    ("block scale rows unpadded", lambda: dict(out_dtype="nvfp4", output_scale=scale(1.0),
+                                               output_block_scale=nvfp4_scales(16, 16)), ValueError, r"\(128, 16\)"),
+    ("block scale not contiguous", lambda: dict(out_dtype="nvfp4", output_scale=scale(1.0),
+                                                output_block_scale=nvfp4_scales(128, 32)[:, ::2]), ValueError,
+     "contiguous"),
+    ("ue8m0", lambda: dict(out_dtype="nvfp4", output_scale=scale(1.0), output_block_scale=nvfp4_scales(),
+                           ue8m0=True), ValueError, "ue8m0"),
+    ("global scale 2 elements", lambda: dict(out_dtype="nvfp4", output_scale=scale(1.0, (2,)),
+                                             output_block_scale=nvfp4_scales()), ValueError, "output_scale"),
+    ("uint8 out unpacked", lambda: dict(out=torch.zeros(2, 8, 4, 64, dtype=torch.uint8, device=DEVICE),
+                                        output_scale=scale(1.0), output_block_scale=nvfp4_scales()), ValueError,
+     r"out must have shape \(2, 8, 4, 32\)"),
+    ("unknown string", lambda: dict(out_dtype="fp4"), ValueError, "nvfp4"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,msg", NVFP4_CASES, ids=[c[0] for c in NVFP4_CASES])
+def test_nvfp4_rejected(name, make, exc, msg):
+    """NVFP4 needs both scales in their SPEC forms and a packed (..., H, Dv // 2) out; nothing is
+    written on rejection (the block scales keep their contents too)."""
     q, k, v = qkv()
-    kw = dict(out_dtype="nvfp4")
-    with pytest.raises(NotImplementedError):
+    kw = make()
+    bs = kw.get("output_block_scale")
+    before = bs.view(torch.uint8).clone() if isinstance(bs, torch.Tensor) and bs.dtype == torch.float8_e4m3fn else None
+    with pytest.raises(exc, match=msg):
         aq.flash_attn_func(q, k, v, **kw)
+    if before is not None:
+        assert torch.equal(bs.view(torch.uint8), before)

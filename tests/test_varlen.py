@@ -34,7 +34,7 @@ def run_varlen(dtype, causal, dims, heads, kind, window=(-1, -1), softcap=0.0, s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["plain"] + FP8 + ["group", "group_ue8m0"], ids=str)
+@pytest.mark.parametrize("kind", ["plain"] + FP8 + ["group", "group_ue8m0", "nvfp4"], ids=str)
 @pytest.mark.parametrize("dims", [(64, 64), (128, 128), (192, 128)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -73,7 +73,7 @@ def combine_kernel(
     t = tok % tokens_per_batch
     o_rows = Out + b * stride_ob + t * stride_os + head * stride_oh
     bs_rows = b * stride_bsb + t * stride_bss + head * stride_bsh
-    store_output(acc, inv, o_rows, offs_dv, row_ok, OutScale, BlockScale, bs_rows, stride_bsg,
+    store_output(acc, inv, o_rows, offs_dv, row_ok, OutScale, BlockScale, bs_rows, head, stride_bsg,
                  DV, OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING, GROUP_SIZE, UE8M0)
     if STORE_LSE:
         lse = tl.where(seen, m_use + tl.log(tl.where(seen, denom, 1.0)), float("-inf"))

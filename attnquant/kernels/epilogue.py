@@ -9,10 +9,12 @@ Everything is row-local, so the caller only supplies pointers and masks.
 import triton
 import triton.language as tl
 
-# Keep these equal to attnquant.quant.PLAIN / FP8_STATIC / FP8_GROUP.
+# Keep these equal to attnquant.quant.PLAIN / FP8_STATIC / FP8_GROUP / NVFP4.
 OUT_PLAIN = tl.constexpr(0)
 OUT_FP8_STATIC = tl.constexpr(1)
 OUT_FP8_GROUP = tl.constexpr(2)
+OUT_NVFP4 = tl.constexpr(3)
+NVFP4_BLOCK = tl.constexpr(16)
 
 
 @triton.jit
@@ -52,6 +54,38 @@ def _to_fp8(o, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.const
 
 
 @triton.jit
+def nvfp4_block_scale(amax, gs, EMULATE_FP8_ROUNDING: tl.constexpr):
+    """NVFP4's block scale SF = e4m3(gs * amax / 6), saturated at 448, as fp32 (exactly the
+    e4m3 value the kernel stores), and the factor gs / SF that maps the block onto e2m1's
+    range (0 where SF is 0: the block is all zeros, or its SF underflowed)."""
+    sf = tl.minimum(amax * (gs / 6.0), 448.0)
+    if EMULATE_FP8_ROUNDING:
+        sf = round_to_fp8_grid(sf, 3, -6)
+    else:
+        sf = sf.to(tl.float8e4nv).to(tl.float32)
+    return sf, tl.where(sf > 0.0, gs / tl.where(sf > 0.0, sf, 1.0), 0.0)
+
+
+@triton.jit
+def e2m1_code(x):
+    """4-bit e2m1 code of fp32 x: sign in bit 3, magnitude rounded to nearest-even on
+    {0, 0.5, 1, 1.5, 2, 3, 4, 6} and clamped to 6. Counting the rounding boundaries passed
+    does both; a tie (0.25, 0.75, ..., 5) goes to the even code: strict > where the lower
+    neighbour's code is even, >= where the upper one's is."""
+    a = tl.abs(x)
+    code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    return code | tl.where(x < 0.0, 8, 0)
+
+
+@triton.jit
+def nvfp4_scale_offset(m, k, COLS4):
+    """Byte offset of the block scale of token m, block column k in the 128x4 swizzled layout
+    that FP4 GEMMs read (SPEC.md); COLS4 = padded columns / 4."""
+    return ((m // 128) * COLS4 + k // 4) * 512 + (m % 32) * 16 + ((m // 32) % 4) * 4 + k % 4
+
+
+@triton.jit
 def store_output(
     acc,
     row_factor,
@@ -61,6 +95,7 @@ def store_output(
     OutScale,
     BlockScale,
     bs_rows,
+    heads,
     stride_bs_g,
     DV: tl.constexpr,
     OUT_KIND: tl.constexpr,
@@ -73,9 +108,11 @@ def store_output(
 ):
     """Write O = acc * row_factor[:, None] (rows x BLOCK_DV) in the format OUT_KIND.
 
-    out_rows: pointer to each row's first channel; row_ok: rows to write; channels
-    >= DV are padding. FP8_GROUP also writes one scale per (row, group of GROUP_SIZE
-    channels) at BlockScale + bs_rows[row] + group * stride_bs_g.
+    out_rows: pointer to each row's first channel (NVFP4: byte); row_ok: rows to write;
+    channels >= DV are padding. FP8_GROUP also writes one scale per (row, group of
+    GROUP_SIZE channels) at BlockScale + bs_rows[row] + group * stride_bs_g. NVFP4 writes
+    one per (row, 16 channels) in the swizzled layout: bs_rows is then the row's token index,
+    heads its head, stride_bs_g the padded scale columns / 4; OutScale holds gs.
     """
     out_ptrs = out_rows[:, None] + offs_dv[None, :]
     mask = row_ok[:, None] & (offs_dv < DV)[None, :]
@@ -85,6 +122,21 @@ def store_output(
     elif OUT_KIND == OUT_FP8_STATIC:  # out = sat(O / scale), 1/scale folded into the 1/rowsum multiply
         inv_scale = 1.0 / tl.load(OutScale)
         o = _to_fp8(acc * (row_factor * inv_scale)[:, None], FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING)
+    elif OUT_KIND == OUT_NVFP4:
+        ROWS: tl.constexpr = acc.shape[0]
+        BLOCK_DV: tl.constexpr = acc.shape[1]
+        NB: tl.constexpr = BLOCK_DV // NVFP4_BLOCK
+        ob = tl.reshape(acc * row_factor[:, None], [ROWS, NB, NVFP4_BLOCK])
+        sf, to_e2m1 = nvfp4_block_scale(tl.max(tl.abs(ob), axis=2), tl.load(OutScale), EMULATE_FP8_ROUNDING)
+        codes = tl.reshape(e2m1_code(ob * to_e2m1[:, :, None]), [ROWS, BLOCK_DV // 2, 2])
+        lo, hi = tl.split(codes)
+        blk = tl.arange(0, NB)
+        sf_ptrs = BlockScale + nvfp4_scale_offset(bs_rows[:, None], heads[:, None] * (DV // NVFP4_BLOCK) + blk[None, :],
+                                                   stride_bs_g)
+        tl.store(sf_ptrs, sf.to(sf_ptrs.dtype.element_ty), mask=row_ok[:, None] & (blk < DV // NVFP4_BLOCK)[None, :])
+        pairs = tl.arange(0, BLOCK_DV // 2)
+        tl.store(out_rows[:, None] + pairs[None, :], (lo | (hi << 4)).to(tl.uint8),
+                 mask=row_ok[:, None] & (pairs < DV // 2)[None, :])
     else:  # OUT_FP8_GROUP: s = max(amax_g, 1e-10) / fp8_max per group (UE8M0: rounded up to 2^k)
         ROWS: tl.constexpr = acc.shape[0]
         BLOCK_DV: tl.constexpr = acc.shape[1]
@@ -98,4 +150,5 @@ def store_output(
         g = tl.arange(0, NG)
         tl.store(BlockScale + bs_rows[:, None] + g[None, :] * stride_bs_g, sc,
                  mask=row_ok[:, None] & (g < DV // GROUP_SIZE)[None, :])
-    tl.store(out_ptrs, o.to(out_ty), mask=mask)
+    if OUT_KIND != OUT_NVFP4:  # (NVFP4 stored its packed bytes above)
+        tl.store(out_ptrs, o.to(out_ty), mask=mask)

@@ -302,7 +302,7 @@ def attn_fwd_kernel(
     o_rows = Out + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob \
         + tok * stride_os + head.to(tl.int64) * stride_oh
     bs_rows = b.to(tl.int64) * stride_bsb + tok * stride_bss + head.to(tl.int64) * stride_bsh
-    store_output(acc, inv_l, o_rows, offs_dv, row_ok, OutScale, BlockScale, bs_rows, stride_bsg,
+    store_output(acc, inv_l, o_rows, offs_dv, row_ok, OutScale, BlockScale, bs_rows, head, stride_bsg,
                  DV, OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING, GROUP_SIZE, UE8M0)
     if STORE_LSE:
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))

@@ -45,6 +45,9 @@ from .. import epilogue as _portable
 # saturation and the power-of-two rounding are shared, not restated.
 _to_fp8 = gluon.jit(_portable._to_fp8.fn)
 _ceil_pow2 = gluon.jit(_portable._ceil_pow2.fn)
+_nvfp4_block_scale = gluon.jit(_portable.nvfp4_block_scale.fn)
+_e2m1_code = gluon.jit(_portable.e2m1_code.fn)
+_nvfp4_scale_offset = gluon.jit(_portable.nvfp4_scale_offset.fn)
 
 WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (wgmma M = 64 per warpgroup)
 NUM_CONSUMERS = gl.constexpr(2)
@@ -400,7 +403,7 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     bs_row0 = b.to(gl.int64) * stride_bsb + tok0 * stride_bss + h.to(gl.int64) * stride_bsh
     _store_output(acc, gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), Out,
                   out_row0 + rows.to(gl.int64) * stride_os, row_ok, OutScale, BlockScale,
-                  bs_row0 + rows.to(gl.int64) * stride_bss, stride_bsg, q_pos0 + (WG + 1) * WG_ROWS <= seqlen_q,
+                  bs_row0 + rows.to(gl.int64) * stride_bss, h, stride_bsg, q_pos0 + (WG + 1) * WG_ROWS <= seqlen_q,
                   o_desc, o_smem.index(WG), q_row + WG * WG_ROWS, h * DV, DV, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
                   TMA_STORE, o_layout)
     if STORE_LSE:
@@ -411,12 +414,15 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
 
 
 @gluon.jit
-def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, bs_rows, stride_bsg,
+def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, bs_rows, head, stride_bsg,
                   whole, o_desc, o_smem, o_row, o_col, DV: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr,
                   UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, layout: gl.constexpr):
     """O = acc * row_factor in format OUT_KIND; the portable store_output's arithmetic
-    (OUT_KIND 0 plain, 1 static FP8, 2 per-token-group FP8), without its reshape:
-    groups are masked column ranges, DV / GROUP_SIZE of them. With TMA_STORE a whole tile
+    (OUT_KIND 0 plain, 1 static FP8, 2 per-token-group FP8, 3 NVFP4). FP8 groups are masked
+    column ranges, DV / GROUP_SIZE of them; NVFP4's 16-channel blocks and channel pairs are
+    reshapes of the accumulator layout, whose threads hold adjacent column pairs and whose
+    quads hold 8 consecutive columns (the block maximum is a quad shuffle, no shared memory).
+    NVFP4's bytes go out from registers. With TMA_STORE a whole tile
     (all its rows inside the sequence) goes to o_smem and from there by TMA to rows o_row.., columns o_col.. of o_desc's
     2-D (tokens, heads * DV) view (row stores of 2-byte pieces at the head stride cost the
     load/store unit ~8 sectors per instruction; a TMA store writes whole lines)."""
@@ -428,6 +434,25 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
     elif OUT_KIND == 1:
         inv_scale = 1.0 / gl.load(OutScale)
         o = _to_fp8(acc * (row_factor * inv_scale)[:, None], FP8_MAX, 0, 0, False)
+    elif OUT_KIND == 3:
+        ROWS: gl.constexpr = acc.shape[0]
+        NB: gl.constexpr = DV // 16
+        ob = gl.reshape(acc * row_factor[:, None], [ROWS, NB, 16])
+        sf, to_e2m1 = _nvfp4_block_scale(gl.max(gl.abs(ob), 2), gl.load(OutScale), False)
+        codes = gl.reshape(_e2m1_code(ob * gl.expand_dims(to_e2m1, 2)), [ROWS, DV // 2, 2])
+        lo, hi = gl.split(codes)
+        packed = (lo | (hi << 4)).to(gl.uint8)
+        sf_layout: gl.constexpr = sf.type.layout
+        blk = gl.arange(0, NB, layout=gl.SliceLayout(0, sf_layout))
+        m = gl.convert_layout(bs_rows, gl.SliceLayout(1, sf_layout))
+        sf_ok = gl.convert_layout(row_ok, gl.SliceLayout(1, sf_layout))
+        gl.store(BlockScale + _nvfp4_scale_offset(m[:, None], head * NB + blk[None, :], stride_bsg),
+                 sf.to(BlockScale.dtype.element_ty), mask=sf_ok[:, None] & (blk < NB)[None, :])
+        p_layout: gl.constexpr = packed.type.layout
+        pairs = gl.arange(0, DV // 2, layout=gl.SliceLayout(0, p_layout))
+        p_rows = gl.convert_layout(out_rows, gl.SliceLayout(1, p_layout))
+        p_ok = gl.convert_layout(row_ok, gl.SliceLayout(1, p_layout))
+        gl.store(Out + p_rows[:, None] + pairs[None, :], packed, mask=p_ok[:, None] & (pairs < DV // 2)[None, :])
     else:
         o = acc * row_factor[:, None]
         scales = gl.full([acc.shape[0], DV], 1.0, gl.float32, layout)
@@ -439,19 +464,20 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
             gl.store(BlockScale + bs_rows + g * stride_bsg, sc, mask=row_ok)
             scales = gl.where(in_g, sc[:, None], scales)
         o = _to_fp8(o / scales, FP8_MAX, 0, 0, False)
-    o = o.to(Out.dtype.element_ty)
-    # Two register-store branches: with `if TMA_STORE and whole` Gluon would also compile the
-    # TMA branch when TMA_STORE is off, against the dummy o_desc / o_smem.
-    if TMA_STORE:
-        if whole:
-            tma.store_wait(0)  # this warpgroup's previous tile has left o_smem
-            o_smem.store(o)
-            fence_async_shared()  # the generic-proxy writes, visible to the TMA (async proxy)
-            tma.async_copy_shared_to_global(o_desc, [o_row, o_col], o_smem)
+    if OUT_KIND != 3:  # (NVFP4 stored its bytes above)
+        o = o.to(Out.dtype.element_ty)
+        # Two register-store branches: with `if TMA_STORE and whole` Gluon would also compile
+        # the TMA branch when TMA_STORE is off, against the dummy o_desc / o_smem.
+        if TMA_STORE:
+            if whole:
+                tma.store_wait(0)  # this warpgroup's previous tile has left o_smem
+                o_smem.store(o)
+                fence_async_shared()  # the generic-proxy writes, visible to the TMA (async proxy)
+                tma.async_copy_shared_to_global(o_desc, [o_row, o_col], o_smem)
+            else:
+                gl.store(ptrs, o, mask=mask)
         else:
             gl.store(ptrs, o, mask=mask)
-    else:
-        gl.store(ptrs, o, mask=mask)
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section"])
