@@ -218,7 +218,9 @@ def test_group_fp8_head_dims(dims, group, fp8, backend):
 @pytest.mark.parametrize("gs", [1.0, 1e6, 1e-9], ids=["ties", "sf_saturates", "sf_underflows"])
 def test_nvfp4_exact_bytes(gs, backend):
     """NVFP4 bit for bit against the reference quantizer. Each query sees one key so strongly
-    (q_i = 100 e_i, k_j = e_j) that O_i = V_i exactly; each 16-channel block of V is 2**e times
+    (q_i = 128 e_i, k_j = e_j) that O_i = V_i exactly (128 * log2(e) is exact in fp32, so the
+    kernels' scaled score minus the scaled maximum is 0, not a rounding residual, and p = 1;
+    the other keys' exp2(-185) is 0); each 16-channel block of V is 2**e times
     values on e2m1's rounding ties (0.25, 0.75, ..., 5) and grid points, with a +-6 setting
     SF = gs * 2**e exactly. gs = 1e6 saturates SF at 448 (codes clamp to +-6), gs = 1e-9 flushes
     SF to 0 (output 0). 96 tokens x 2 heads x 4 blocks: padding rows 96..127 must read 0."""
@@ -226,7 +228,7 @@ def test_nvfp4_exact_bytes(gs, backend):
 
     b, s, h, d = 2, 48, 2, 64
     eye = torch.eye(s, d, device=DEVICE)
-    q = (100 * eye)[None, :, None, :].expand(b, s, h, d).to(DTYPES[-1])
+    q = (128 * eye)[None, :, None, :].expand(b, s, h, d).to(DTYPES[-1])
     k = eye[None, :, None, :].expand(b, s, h, d).to(DTYPES[-1])
     vals = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 0.1, 0.3],
                         device=DEVICE)

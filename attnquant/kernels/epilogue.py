@@ -69,13 +69,16 @@ def nvfp4_block_scale(amax, gs, EMULATE_FP8_ROUNDING: tl.constexpr):
 @triton.jit
 def e2m1_code(x):
     """4-bit e2m1 code of fp32 x: sign in bit 3, magnitude rounded to nearest-even on
-    {0, 0.5, 1, 1.5, 2, 3, 4, 6} and clamped to 6. Counting the rounding boundaries passed
-    does both; a tie (0.25, 0.75, ..., 5) goes to the even code: strict > where the lower
-    neighbour's code is even, >= where the upper one's is."""
-    a = tl.abs(x)
-    code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
-    return code | tl.where(x < 0.0, 8, 0)
+    {0, 0.5, 1, 1.5, 2, 3, 4, 6} and clamped to 6, on the float's bits (~12 instructions,
+    against ~22 for counting the rounding boundaries passed)."""
+    a = tl.minimum(tl.abs(x), 6.0)
+    bits = a.to(tl.int32, bitcast=True)
+    # a >= 1: round the mantissa to its top bit, nearest-even (add half an ulp of that bit
+    # less one, plus the bit itself); exponent and bit are then the code: (bits >> 22) - 252
+    normal = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252
+    # a < 1: spacing 0.5, so the code is rint(2a), read off the low bits of 2a + 1.5 * 2**23
+    sub = (2.0 * a + 12582912.0).to(tl.int32, bitcast=True) & 7
+    return tl.where(a < 1.0, sub, normal) | tl.where(x < 0.0, 8, 0)
 
 
 @triton.jit
@@ -126,9 +129,12 @@ def store_output(
         ROWS: tl.constexpr = acc.shape[0]
         BLOCK_DV: tl.constexpr = acc.shape[1]
         NB: tl.constexpr = BLOCK_DV // NVFP4_BLOCK
-        ob = tl.reshape(acc * row_factor[:, None], [ROWS, NB, NVFP4_BLOCK])
-        sf, to_e2m1 = nvfp4_block_scale(tl.max(tl.abs(ob), axis=2), tl.load(OutScale), EMULATE_FP8_ROUNDING)
-        codes = tl.reshape(e2m1_code(ob * to_e2m1[:, :, None]), [ROWS, BLOCK_DV // 2, 2])
+        ab = tl.reshape(acc, [ROWS, NB, NVFP4_BLOCK])
+        # max|O| of a block is max|acc| x (1 / rowsum), exactly (rounding is monotonic); the
+        # 1 / rowsum goes into the per-block factor, one multiply per element
+        sf, to_e2m1 = nvfp4_block_scale(tl.max(tl.abs(ab), axis=2) * row_factor[:, None], tl.load(OutScale),
+                                        EMULATE_FP8_ROUNDING)
+        codes = tl.reshape(e2m1_code(ab * (to_e2m1 * row_factor[:, None])[:, :, None]), [ROWS, BLOCK_DV // 2, 2])
         lo, hi = tl.split(codes)
         blk = tl.arange(0, NB)
         sf_ptrs = BlockScale + nvfp4_scale_offset(bs_rows[:, None], heads[:, None] * (DV // NVFP4_BLOCK) + blk[None, :],

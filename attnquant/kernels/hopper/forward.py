@@ -437,17 +437,22 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
     elif OUT_KIND == 3:
         ROWS: gl.constexpr = acc.shape[0]
         NB: gl.constexpr = DV // 16
-        ob = gl.reshape(acc * row_factor[:, None], [ROWS, NB, 16])
-        sf, to_e2m1 = _nvfp4_block_scale(gl.max(gl.abs(ob), 2), gl.load(OutScale), False)
-        codes = gl.reshape(_e2m1_code(ob * gl.expand_dims(to_e2m1, 2)), [ROWS, DV // 2, 2])
+        ab = gl.reshape(acc, [ROWS, NB, 16])
+        sf_layout: gl.constexpr = gl.SliceLayout(2, ab.type.layout)
+        rf = gl.convert_layout(row_factor, gl.SliceLayout(1, sf_layout))[:, None]
+        # max|O| = max|acc| x (1 / rowsum) exactly; 1 / rowsum joins the per-block factor
+        sf, to_e2m1 = _nvfp4_block_scale(gl.max(gl.abs(ab), 2) * rf, gl.load(OutScale), False)
+        codes = gl.reshape(_e2m1_code(ab * gl.expand_dims(to_e2m1 * rf, 2)), [ROWS, DV // 2, 2])
         lo, hi = gl.split(codes)
         packed = (lo | (hi << 4)).to(gl.uint8)
-        sf_layout: gl.constexpr = sf.type.layout
-        blk = gl.arange(0, NB, layout=gl.SliceLayout(0, sf_layout))
+        # the swizzled offset is a row part plus a column part (head is one per tile here)
+        blk = head * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, sf_layout))
         m = gl.convert_layout(bs_rows, gl.SliceLayout(1, sf_layout))
         sf_ok = gl.convert_layout(row_ok, gl.SliceLayout(1, sf_layout))
-        gl.store(BlockScale + _nvfp4_scale_offset(m[:, None], head * NB + blk[None, :], stride_bsg),
-                 sf.to(BlockScale.dtype.element_ty), mask=sf_ok[:, None] & (blk < NB)[None, :])
+        row_part = _nvfp4_scale_offset(m, 0, stride_bsg)
+        col_part = _nvfp4_scale_offset(0, blk, stride_bsg)
+        gl.store(BlockScale + row_part[:, None] + col_part[None, :], sf.to(BlockScale.dtype.element_ty),
+                 mask=sf_ok[:, None] & (blk >= 0)[None, :])  # (the mask spelled out in full shape)
         p_layout: gl.constexpr = packed.type.layout
         pairs = gl.arange(0, DV // 2, layout=gl.SliceLayout(0, p_layout))
         p_rows = gl.convert_layout(out_rows, gl.SliceLayout(1, p_layout))
