@@ -3,6 +3,7 @@
     python -m attnquant.bench                   # the PERF.md shapes: prefill + decode tables
     python -m attnquant.bench --sweep           # portable-kernel tile / split sweeps (kernels/config.py)
     python -m attnquant.bench --gluon-variants  # Hopper kernel variants and ablations
+    python -m attnquant.bench --formats         # each output format's cost, ping-pong off / on
     python -m attnquant.bench --spread          # per-launch spread, Gluon kernel vs cuDNN
     python -m attnquant.bench --power           # launch times next to the SM clock and power draw
 
@@ -257,6 +258,42 @@ def gluon_variants():
                 hopper.L2_SECTION_BYTES = base_section
 
 
+def format_costs():
+    """What each output format costs the Gluon kernel, with and without the consumers'
+    ping-pong (which staggers the two warpgroups, so one's epilogue can run under the other's
+    GEMMs): µs per (config, format), the formats interleaved over three rounds (medians)."""
+    from dataclasses import replace
+
+    from attnquant.kernels.hopper import launch as hopper
+
+    base_config = hopper.ws_config
+    print("\nformat costs (µs; gluon; median of 3 interleaved rounds)")
+    print(f"{'shape':<18} {'config':<13} {'bf16':>7} {'fp8':>7} {'grp fp8':>7} {'nvfp4':>7} "
+          f"{'fp8/bf16':>8} {'grp/bf16':>8} {'fp4/bf16':>8}")
+    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
+        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+        scale = torch.tensor(0.02, device="cuda")
+        bscale = torch.empty(b, sq, h * dv // 128, device="cuda")
+        fp4_scales = torch.empty(nvfp4_scale_shape(b * sq, h, dv), dtype=FP8, device="cuda")
+        g = dict(causal=causal, backend="gluon")
+        outs = (lambda: aq.flash_attn_func(q, k, v, **g),
+                lambda: aq.flash_attn_func(q, k, v, output_scale=scale, **g),
+                lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g),
+                lambda: aq.flash_attn_func(q, k, v, out_dtype="nvfp4", output_scale=scale,
+                                           output_block_scale=fp4_scales, **g))
+        base = base_config(d, dv)
+        for label, cfg in (("default", base), ("pingpong " + ("off" if base.pingpong else "on"),
+                                               replace(base, pingpong=not base.pingpong))):
+            hopper.ws_config = lambda d_, dv_, cfg=cfg: cfg
+            try:
+                rounds = [tuple(bench(fn) for fn in outs) for _ in range(3)]
+            finally:
+                hopper.ws_config = base_config
+            t = [sorted(r[i] for r in rounds)[1] for i in range(len(outs))]
+            print(f"{name:<18} {label:<13} " + " ".join(f"{x:7.0f}" for x in t) + " "
+                  + " ".join(f"{x / t[0]:8.3f}" for x in t[1:]), flush=True)
+
+
 def spread():
     """Run-to-run spread of the Gluon kernel (fp8 out) and cuDNN on each prefill shape: four
     do_bench calls each, interleaved (every call's per-launch quantiles, µs), then CUDA-graph
@@ -364,6 +401,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="tile-config and split sweeps instead of the tables")
     ap.add_argument("--gluon-variants", action="store_true", help="Gluon kernel variants / ablations only")
     ap.add_argument("--spread", action="store_true", help="run-to-run spread of the Gluon kernel and cuDNN")
+    ap.add_argument("--formats", action="store_true", help="each output format's cost, ping-pong off and on")
     ap.add_argument("--power", nargs="*", metavar="SHAPE:gluon|sdpa[:PAUSE]",
                     help="launch times next to the SM clock and power draw (default plan: POWER_PLAN)")
     args = ap.parse_args(argv)
@@ -378,6 +416,9 @@ def main(argv=None):
         return
     if args.spread:
         spread()
+        return
+    if args.formats:
+        format_costs()
         return
     if args.power is not None:
         power_trace(args.power)

@@ -59,11 +59,18 @@ def nvfp4_block_scale(amax, gs, EMULATE_FP8_ROUNDING: tl.constexpr):
     e4m3 value the kernel stores), and the factor gs / SF that maps the block onto e2m1's
     range (0 where SF is 0: the block is all zeros, or its SF underflowed)."""
     sf = tl.minimum(amax * (gs / 6.0), 448.0)
-    if EMULATE_FP8_ROUNDING:
+    if EMULATE_FP8_ROUNDING:  # (the interpreter: no inline assembly either)
         sf = round_to_fp8_grid(sf, 3, -6)
+        inv_sf = 1.0 / tl.where(sf > 0.0, sf, 1.0)
     else:
         sf = sf.to(tl.float8e4nv).to(tl.float32)
-    return sf, tl.where(sf > 0.0, gs / tl.where(sf > 0.0, sf, 1.0), 0.0)
+        # rcp.approx (one MUFU op): fp32's `/` is div.full, whose range checks and rescaling
+        # took ~12 instructions per block (and predicate spills) in the Gluon epilogue. SF is
+        # a normal e4m3 value (2**-9..448) and the reciprocal is within 1 ulp: it can move a
+        # result only off an exact rounding tie, and is exact for powers of two.
+        inv_sf = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [tl.where(sf > 0.0, sf, 1.0)],
+                                           dtype=tl.float32, is_pure=True, pack=1)
+    return sf, tl.where(sf > 0.0, gs * inv_sf, 0.0)
 
 
 @triton.jit
