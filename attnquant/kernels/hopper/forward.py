@@ -460,15 +460,17 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
         gl.store(Out + p_rows[:, None] + pairs[None, :], packed, mask=p_ok[:, None] & (pairs < DV // 2)[None, :])
     else:
         o = acc * row_factor[:, None]
-        scales = gl.full([acc.shape[0], DV], 1.0, gl.float32, layout)
+        inv_scales = gl.full([acc.shape[0], DV], 1.0, gl.float32, layout)
         for g in gl.static_range(DV // GROUP_SIZE):
             in_g = ((cols >= g * GROUP_SIZE) & (cols < (g + 1) * GROUP_SIZE))[None, :]
             sc = gl.maximum(gl.max(gl.where(in_g, gl.abs(o), 0.0), 1), 1e-10) / FP8_MAX
             if UE8M0:
                 sc = _ceil_pow2(sc)
             gl.store(BlockScale + bs_rows + g * stride_bsg, sc, mask=row_ok)
-            scales = gl.where(in_g, sc[:, None], scales)
-        o = _to_fp8(o / scales, FP8_MAX, 0, 0, False)
+            # one division per row and group, then multiplies: a division per element (div.full,
+            # ~8 instructions) was most of this epilogue; exact for UE8M0's powers of two
+            inv_scales = gl.where(in_g, (1.0 / sc)[:, None], inv_scales)
+        o = _to_fp8(o * inv_scales, FP8_MAX, 0, 0, False)
     if OUT_KIND != 3:  # (NVFP4 stored its bytes above)
         o = o.to(Out.dtype.element_ty)
         # Two register-store branches: with `if TMA_STORE and whole` Gluon would also compile
