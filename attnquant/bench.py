@@ -87,6 +87,20 @@ def _gluon_fp8(q, k, v, causal, scale):
     return lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")
 
 
+def _gluon_format_calls(q, k, v, causal, scale):
+    """The Hopper kernel writing bf16, static FP8, per-group FP8 (G = 128, UE8M0) and NVFP4
+    (`scale` as its global scale): four calls to time side by side."""
+    b, sq, h, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+    bscale = torch.empty(b, sq, h * dv // 128, device="cuda")
+    fp4_scales = torch.empty(nvfp4_scale_shape(b * sq, h, dv), dtype=FP8, device="cuda")
+    g = dict(causal=causal, backend="gluon")
+    return (lambda: aq.flash_attn_func(q, k, v, **g),
+            lambda: aq.flash_attn_func(q, k, v, output_scale=scale, **g),
+            lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g),
+            lambda: aq.flash_attn_func(q, k, v, out_dtype="nvfp4", output_scale=scale, output_block_scale=fp4_scales,
+                                       **g))
+
+
 def _prefill_inputs(b, sq, sk, h, hkv, d, dv):
     torch.manual_seed(0)
     q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16)
@@ -107,14 +121,7 @@ def prefill_table():
         flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
         tf = lambda us: flops / us * 1e-6  # noqa: E731
         cell = lambda us: f"{us:7.0f} ({tf(us):4.0f} TF)"  # noqa: E731
-        bscale = torch.empty(b, sq, h * dv // 128, device="cuda")  # per-token-group FP8, G = 128, ue8m0
-        fp4_scales = torch.empty(nvfp4_scale_shape(b * sq, h, dv), dtype=FP8, device="cuda")
-        g = dict(causal=causal, backend="gluon")
-        outs = (lambda: aq.flash_attn_func(q, k, v, **g),
-                lambda: aq.flash_attn_func(q, k, v, output_scale=scale, **g),
-                lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g),
-                lambda: aq.flash_attn_func(q, k, v, out_dtype="nvfp4", output_scale=scale,
-                                           output_block_scale=fp4_scales, **g))
+        outs = _gluon_format_calls(q, k, v, causal, scale)
         portable = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="triton")  # noqa: E731
         sdpa, backend = _sdpa(q, k, v, causal)
         sdpa_q = (lambda: quant(sdpa(), scale)) if sdpa else None
@@ -273,14 +280,7 @@ def format_costs():
     for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
         q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
         scale = torch.tensor(0.02, device="cuda")
-        bscale = torch.empty(b, sq, h * dv // 128, device="cuda")
-        fp4_scales = torch.empty(nvfp4_scale_shape(b * sq, h, dv), dtype=FP8, device="cuda")
-        g = dict(causal=causal, backend="gluon")
-        outs = (lambda: aq.flash_attn_func(q, k, v, **g),
-                lambda: aq.flash_attn_func(q, k, v, output_scale=scale, **g),
-                lambda: aq.flash_attn_func(q, k, v, output_block_scale=bscale, ue8m0=True, **g),
-                lambda: aq.flash_attn_func(q, k, v, out_dtype="nvfp4", output_scale=scale,
-                                           output_block_scale=fp4_scales, **g))
+        outs = _gluon_format_calls(q, k, v, causal, scale)
         base = base_config(d, dv)
         for label, cfg in (("default", base), ("pingpong " + ("off" if base.pingpong else "on"),
                                                replace(base, pingpong=not base.pingpong))):

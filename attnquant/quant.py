@@ -83,15 +83,20 @@ def _check_scale_tensor(name: str, t, device: torch.device) -> None:
         raise ValueError(f"{name} must be on the inputs' device {device}, got {t.device}")
 
 
+def _check_block_scale_tensor(block_scale, dtype: torch.dtype, what: str, device: torch.device) -> None:
+    if not isinstance(block_scale, torch.Tensor):
+        raise TypeError(f"output_block_scale must be a torch.Tensor, got {type(block_scale).__name__}")
+    if block_scale.dtype != dtype:
+        name = str(dtype).replace("torch.", "")
+        raise ValueError(f"output_block_scale must be {name} for {what} outputs, got {block_scale.dtype}")
+    if block_scale.device != device:
+        raise ValueError(f"output_block_scale must be on the inputs' device {device}, got {block_scale.device}")
+
+
 def _group_format(dtype, block_scale, device, token_shape, num_heads, head_dim_v, ue8m0) -> OutputFormat:
     """Per-token-group FP8: infer G from output_block_scale's logical shape, (..., H * Dv // G)
     or (..., H, Dv // G) with ... the token dims, and take its strides as they are."""
-    if not isinstance(block_scale, torch.Tensor):
-        raise TypeError(f"output_block_scale must be a torch.Tensor, got {type(block_scale).__name__}")
-    if block_scale.dtype != torch.float32:
-        raise ValueError(f"output_block_scale must be float32 for FP8 outputs, got {block_scale.dtype}")
-    if block_scale.device != device:
-        raise ValueError(f"output_block_scale must be on the inputs' device {device}, got {block_scale.device}")
+    _check_block_scale_tensor(block_scale, torch.float32, "FP8", device)
     nt = len(token_shape)
     shape = tuple(block_scale.shape)
     expect = f"{token_shape + ('H * Dv // G',)} or {token_shape + (num_heads, 'Dv // G')}"
@@ -134,12 +139,7 @@ def _nvfp4_format(dtype, global_scale, block_scale, device, token_shape, num_hea
     if block_scale is None:
         raise ValueError(f"an NVFP4 output needs output_block_scale: a float8_e4m3fn tensor of shape {shape} "
                          "that the kernel fills (128x4 swizzled layout)")
-    if not isinstance(block_scale, torch.Tensor):
-        raise TypeError(f"output_block_scale must be a torch.Tensor, got {type(block_scale).__name__}")
-    if block_scale.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"output_block_scale must be float8_e4m3fn for NVFP4 outputs, got {block_scale.dtype}")
-    if block_scale.device != device:
-        raise ValueError(f"output_block_scale must be on the inputs' device {device}, got {block_scale.device}")
+    _check_block_scale_tensor(block_scale, torch.float8_e4m3fn, "NVFP4", device)
     if tuple(block_scale.shape) != shape or not block_scale.is_contiguous():
         raise ValueError(f"output_block_scale must be a contiguous {shape} tensor for NVFP4 "
                          f"(round_up(T, 128), round_up(H * Dv / 16, 4)), got {tuple(block_scale.shape)}")
