@@ -1,10 +1,10 @@
-"""Demo: one causal GQA prefill attention whose output leaves the kernel as FP8.
+"""Demo: one causal GQA prefill attention whose output leaves the kernel as FP8, then as NVFP4.
 
     python -m attnquant.demo
 
 On a GPU it runs a real-sized attention and also times (CUDA-graph replays) the fused FP8
-output against our bf16 output followed by a separate (torch.compile'd) quantization. Without a GPU
-it runs a small case on the CPU through Triton's interpreter.
+output against our bf16 output followed by a separate (torch.compile'd) quantization, and the
+fused NVFP4 output. Without a GPU it runs a small case on the CPU through Triton's interpreter.
 """
 
 import torch
@@ -38,6 +38,19 @@ def main():
     print(f"relative error vs float64 reference: fused FP8 {rel(deq):.3e}  "
           f"(the FP8 rounding of the exact output alone: {rel(ref_q):.3e})")
 
+    # NVFP4: gs = 448 * 6 / amax (vLLM's convention; amax calibrated, here on a bf16 run), block
+    # scales written by the kernel in the swizzled layout FP4 GEMMs read
+    gs = (448 * 6 / aq.flash_attn_func(q, k, v, causal=True)[0].abs().max()).float()
+    sf = torch.empty(quant.nvfp4_scale_shape(b * s, h, d), dtype=torch.float8_e4m3fn, device=dev)
+    fp4, _ = aq.flash_attn_func(q, k, v, causal=True, out_dtype="nvfp4", output_scale=gs, output_block_scale=sf)
+    fmt4 = quant.OutputFormat(quant.NVFP4, torch.uint8, scale=gs, block_scale=sf)
+    sf_rows = quant.unswizzle_block_scale(sf, b * s, h * d // quant.NVFP4_BLOCK).view(b, s, h, -1)
+    deq4 = quant.dequantize(fp4[:n], fmt4, sf_rows[:n])
+    q4, sf4 = quant.quantize(ref.float(), fmt4)
+    ref4 = quant.dequantize(q4, fmt4, sf4)
+    print(f"NVFP4 out {tuple(fp4.shape)} {fp4.dtype}: relative error {rel(deq4):.3e}  "
+          f"(the NVFP4 rounding of the exact output alone: {rel(ref4):.3e})")
+
     if gpu:
         from attnquant.bench import bench_graph
 
@@ -50,8 +63,10 @@ def main():
         t_fused = bench_graph(lambda: aq.flash_attn_func(q, k, v, causal=True, output_scale=scale))
         t_bf16 = bench_graph(lambda: aq.flash_attn_func(q, k, v, causal=True))
         t_two = bench_graph(lambda: separate_quant(aq.flash_attn_func(q, k, v, causal=True)[0], scale))
+        t_fp4 = bench_graph(lambda: aq.flash_attn_func(q, k, v, causal=True, out_dtype="nvfp4", output_scale=gs,
+                                                       output_block_scale=sf))
         print(f"GPU time (CUDA-graph replays): fused FP8 output {t_fused:.0f} us | bf16 output {t_bf16:.0f} us | "
-              f"bf16 + separate quantization {t_two:.0f} us")
+              f"bf16 + separate quantization {t_two:.0f} us | fused NVFP4 output {t_fp4:.0f} us")
 
 if __name__ == "__main__":
     main()
