@@ -2,9 +2,10 @@
 
     ncu --clock-control none --kernel-name regex:attn_fwd_ws --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-        python3 scripts/profile_gluon.py noncausal_mha_8k [ablate]
+        python3 scripts/profile_gluon.py noncausal_mha_8k [ablate] [fp8|bf16|nvfp4]
 
-`ablate` 1 leaves the softmax out, 2 the PV GEMM (timing variants, wrong results)."""
+`ablate` 1 leaves the softmax out, 2 the PV GEMM (timing variants, wrong results); the last
+argument picks the output format (default static FP8)."""
 
 import sys
 from dataclasses import replace
@@ -17,12 +18,17 @@ from attnquant.kernels.hopper import launch as hopper
 
 name = sys.argv[1] if len(sys.argv) > 1 else "noncausal_mha_8k"
 ablate = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+out_format = sys.argv[3] if len(sys.argv) > 3 else "fp8"
 _, b, sq, sk, h, hkv, d, dv, causal = next(s for s in PREFILL if s[0] == name)
 q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
 if ablate:
     base = hopper.ws_config(d, dv)
     hopper.ws_config = lambda d_, dv_: replace(base, ablate=ablate)
 scale = torch.tensor(0.02, device="cuda")
+fmt = {"fp8": dict(output_scale=scale), "bf16": {},
+       "nvfp4": dict(out_dtype="nvfp4", output_scale=scale,
+                     output_block_scale=torch.empty(aq.quant.nvfp4_scale_shape(b * sq, h, dv),
+                                                    dtype=torch.float8_e4m3fn, device="cuda"))}[out_format]
 for _ in range(3):
-    aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")
+    aq.flash_attn_func(q, k, v, causal=causal, backend="gluon", **fmt)
 torch.cuda.synchronize()
