@@ -241,7 +241,7 @@ def quantize_fp8_group(o: torch.Tensor, group: int, dtype: torch.dtype, ue8m0: b
     return q, s
 
 
-def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """e2m1 codes (sign in bit 3) of float64 x: the nearest of E2M1_VALUES after clamping to
     +-6, ties to the even code, chosen by distance to every grid point."""
     grid = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=x.device)
@@ -263,7 +263,7 @@ def quantize_nvfp4(o: torch.Tensor, global_scale: torch.Tensor):
     sf = sf.to(torch.float8_e4m3fn)
     sf_d = sf.double()[..., None]
     scaled = torch.where(sf_d > 0, g * gs / torch.where(sf_d > 0, sf_d, 1.0), 0.0)
-    codes = _round_e2m1(scaled).flatten(-2)
+    codes = round_e2m1(scaled).flatten(-2)
     return codes[..., 0::2] | (codes[..., 1::2] << 4), sf
 
 

@@ -251,3 +251,12 @@ def test_nvfp4_exact_bytes(gs, backend):
         assert ((ref_q & 0x77) == 0x77).all()  # every code saturated at 6
     elif gs == 1e-9:
         assert (ref_q == 0).all() and (ref_sf.float() == 0).all()
+
+
+@pytest.mark.parametrize("heads,dims", [((3, 1), (96, 96)), ((5, 5), (64, 64))], ids=["cols_padded", "rows_padded"])
+def test_nvfp4_scale_padding(heads, dims):
+    """The swizzled block-scale tensor's padding reads 0: 3 heads x 96 / 16 = 18 scale columns
+    pad to 20 (the whole tensor is zeroed before the kernel), and 2 x 37 = 74 tokens pad to
+    128 rows (the last 128-row tile is). check_output's scale check covers every padding byte
+    (the tensor starts as NaN)."""
+    run_case(DTYPES[0], True, dims, heads, "nvfp4", sizes=(2, 37, 50))
