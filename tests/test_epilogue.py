@@ -31,3 +31,14 @@ def test_e2m1_code_matches_reference():
     bad = (out != ref).nonzero().flatten()
     assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. x={x[bad[:5]].tolist()}: " \
                              f"{out[bad[:5]].tolist()} vs {ref[bad[:5]].tolist()}"
+
+
+def test_nvfp4_swizzle_offsets_match_the_blocked_layout():
+    """The oracle's swizzle (SPEC.md's offset formula) is the layout FP4 GEMMs read, built
+    the other way: the logical (rows, cols) scales cut into (rows/128, 4, 32, cols/4, 4)
+    blocks and stored in (row tile, column group, row % 32, (row / 32) % 4, col % 4) order."""
+    rows, cols = 256, 12
+    logical = torch.arange(rows * cols).reshape(rows, cols)
+    blocked = logical.reshape(rows // 128, 4, 32, cols // 4, 4).permute(0, 3, 2, 1, 4).reshape(-1)
+    offs = quant.nvfp4_swizzle_offsets(rows, cols)
+    assert torch.equal(blocked[offs.reshape(-1)].reshape(rows, cols), logical)
