@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
 from . import quant
 from .kernels.combine import combine_kernel
-from .kernels.config import FwdConfig, forward_config, next_pow2, num_sms, num_splits_heuristic, split_head_dim
+from .kernels.config import FwdConfig, cdiv, forward_config, next_pow2, num_sms, num_splits_heuristic, split_head_dim
 from .kernels.forward import attn_fwd_kernel
 from .kernels.hopper import launch as hopper
 
@@ -37,8 +36,14 @@ _FP8_PARAMS = {  # max finite, mantissa bits, exponent of the smallest normal
 }
 
 
+# Triton binds a kernel to its interpreter or its compiler when the kernel is decorated, at
+# import (attnquant/__init__.py sets TRITON_INTERPRET first when there is no GPU), so the mode
+# is read once here too; reading os.environ on every call cost ~3 us a read.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 # ----------------------------------------------------------------------------------
@@ -270,8 +275,8 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
     paged = p.block_table is not None
     cfg = config or forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * group, interpret,
                                    p.page_size if paged else 0)
-    m_tiles = triton.cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
-    key_blocks = triton.cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
+    m_tiles = cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
+    key_blocks = cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
     requested_splits = num_splits
     if num_splits == 0:
         device = p.q.device
@@ -357,7 +362,7 @@ def _launch_kernels(p: _Problem, fmt: quant.OutputFormat, out, lse, num_splits, 
     group = p.num_heads // p.num_heads_kv
     block_da, block_db = split_head_dim(p.head_dim)
     block_dv = max(16, next_pow2(p.head_dim_v))
-    m_tiles = triton.cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
+    m_tiles = cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
     split = num_splits > 1
     if split:  # float32 partials, token-major so the combine reads rows contiguously
         tokens = p.num_tokens
@@ -434,7 +439,7 @@ def _launch_combine(parts, parts_lse, num_splits, suffix, out, out_strides, lse,
     rows = num_tokens * num_heads
     block_r = 16
     (so, so_t, so_h), (sl, sl_t, sl_h) = suffix if suffix is not None else ((dummy, 0, 0), (dummy, 0, 0))
-    combine_kernel[(triton.cdiv(rows, block_r),)](
+    combine_kernel[(cdiv(rows, block_r),)](
         parts[0], parts_lse[0], so, sl, out, lse if lse is not None else dummy,
         fmt.scale if fmt.scale is not None else dummy,
         fmt.block_scale if fmt.block_scale is not None else dummy,

@@ -2,4 +2,6 @@
 interpreter (no GPU) and its compiler, and that has to happen before anything imports
 triton.language, whose own @triton.jit helpers (tl.cdiv, ...) are bound at that import."""
 
-import attnquant  # noqa: F401
+import importlib
+
+importlib.import_module("attnquant")

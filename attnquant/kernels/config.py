@@ -26,6 +26,12 @@ def _pow2_le(x: int) -> int:
     return 1 << (x.bit_length() - 1)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python ints. (triton.cdiv is a @triton.jit function: called on the
+    host it costs ~6 us a call, a fifth of an eager decode call's planning.)"""
+    return -(-a // b)
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
-from ..config import split_head_dim
+from ..config import cdiv, split_head_dim
 
 BACKENDS = ("auto", "gluon", "triton")
 BACKEND_ENV = "ATTNQUANT_BACKEND"
@@ -201,7 +200,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     tma_store = tma_store_applies(p, cfg, out)
     o_desc = _descriptor(out, WG_ROWS, p.num_heads * p.head_dim_v, p.head_dim_v) if tma_store else v_desc
     dummy = out
-    num_tiles = triton.cdiv(max(p.max_seqlen_q, 1), BLOCK_M) * p.batch * p.num_heads
+    num_tiles = cdiv(max(p.max_seqlen_q, 1), BLOCK_M) * p.batch * p.num_heads
     dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
     grid = (min(num_tiles, _num_sms(dev)) if cfg.persistent else num_tiles,)
     attn_fwd_ws_kernel[grid](
