@@ -65,8 +65,8 @@ def nvfp4_block_scale(amax, gs, EMULATE_FP8_ROUNDING: tl.constexpr):
     else:
         sf = sf.to(tl.float8e4nv).to(tl.float32)
         # rcp.approx (one MUFU op): fp32's `/` is div.full, whose range checks and rescaling
-        # took ~12 instructions per block (and predicate spills) in the Gluon epilogue. SF is
-        # a normal e4m3 value (2**-9..448) and the reciprocal is within 1 ulp: it can move a
+        # took ~12 instructions per block (and predicate spills) in the Gluon epilogue. SF here
+        # is in 2**-9..448, a normal fp32 value, and the reciprocal is within 1 ulp: it can move a
         # result only off an exact rounding tie, and is exact for powers of two.
         inv_sf = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [tl.where(sf > 0.0, sf, 1.0)],
                                            dtype=tl.float32, is_pure=True, pack=1)
@@ -84,7 +84,8 @@ def e2m1_code(x):
     parity, so they go to the even code). Each rint is one FFMA adding 1.5 * 2**23 (+ the even
     offset), which leaves the integer in the low mantissa bits: 4 ops on the FMA pipe and 3
     minimums, where working on the exponent and mantissa bits took ~10 integer/logic ops on
-    the half-rate ALU pipe (the NVFP4 epilogue's bottleneck, perf-notes v17)."""
+    the half-rate ALU pipe (where ncu counted most of the NVFP4 epilogue's instructions; the
+    change measured within noise, perf-notes v18)."""
     a = tl.abs(x)
     M: tl.constexpr = 12582912.0
     c = tl.minimum(tl.minimum(a * 2.0 + M, a + (M + 2.0)), tl.minimum(a * 0.5 + (M + 4.0), M + 7.0))
