@@ -12,6 +12,7 @@ them (on a float64 attention) as the oracle; the kernels never call them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -132,10 +133,7 @@ def _nvfp4_format(dtype, global_scale, block_scale, device, token_shape, num_hea
     _check_scale_tensor("output_scale", global_scale, device)
     if head_dim_v % NVFP4_BLOCK:
         raise ValueError(f"NVFP4 output needs a head dim Dv divisible by {NVFP4_BLOCK}, got {head_dim_v}")
-    tokens = 1
-    for n in token_shape:
-        tokens *= n
-    shape = nvfp4_scale_shape(tokens, num_heads, head_dim_v)
+    shape = nvfp4_scale_shape(math.prod(token_shape), num_heads, head_dim_v)
     if block_scale is None:
         raise ValueError(f"an NVFP4 output needs output_block_scale: a float8_e4m3fn tensor of shape {shape} "
                          "that the kernel fills (128x4 swizzled layout)")
