@@ -4,6 +4,7 @@
     python -m attnquant.bench --sweep           # portable-kernel tile / split sweeps (kernels/config.py)
     python -m attnquant.bench --gluon-variants  # Hopper kernel variants and ablations
     python -m attnquant.bench --formats         # each output format's cost, ping-pong off / on
+    python -m attnquant.bench --configs         # Gluon config options vs the default, interleaved
     python -m attnquant.bench --spread          # per-launch spread, Gluon kernel vs cuDNN
     python -m attnquant.bench --power           # launch times next to the SM clock and power draw
 
@@ -246,6 +247,8 @@ def gluon_variants():
                     "persistent " + ("off" if base.persistent else "on"): replace(base, persistent=not base.persistent),
                     "TMA store " + ("off" if base.tma_store else "on"): replace(base, tma_store=not base.tma_store),
                     "PV fence " + ("off" if base.pv_fence else "on"): replace(base, pv_fence=not base.pv_fence),
+                    "lazy rescale " + ("off" if base.lazy_rescale else "on"):
+                    replace(base, lazy_rescale=not base.lazy_rescale),
                     "L2 sections 4 MB": 4 << 20, "L2 sections 64 MB": 64 << 20,
                     "no softmax (ablate)": replace(base, ablate=1), "no PV gemm (ablate)": replace(base, ablate=2)}
         base_section = hopper.L2_SECTION_BYTES
@@ -263,6 +266,51 @@ def gluon_variants():
             finally:
                 hopper.ws_config = base_config
                 hopper.L2_SECTION_BYTES = base_section
+
+
+def _interleaved(fns, rounds=3):
+    """Median µs of each fn over `rounds` rounds that run them in turn (the card drifts by a
+    few % over seconds: interleaving keeps that out of the comparison)."""
+    times = [[bench(fn) for fn in fns] for _ in range(rounds)]
+    return [sorted(r[i] for r in times)[rounds // 2] for i in range(len(fns))]
+
+
+def config_ab():
+    """Gluon tile-config options against the default, interleaved (static fp8 out): whether a
+    change to the kernel's schedule is worth it, measured in one run."""
+    from dataclasses import replace
+
+    from attnquant.kernels.hopper import launch as hopper
+
+    print("\nconfig A/B (µs; gluon, static fp8 out; median of 3 interleaved rounds; ratio to default)")
+    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
+        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+        scale = torch.tensor(0.02, device="cuda")
+        flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
+        base = hopper.ws_config(d, dv)
+        lazy = "lazy rescale " + ("off" if base.lazy_rescale else "on")
+        pp = "pingpong " + ("off" if base.pingpong else "on")
+        configs = {"default": base, lazy: replace(base, lazy_rescale=not base.lazy_rescale),
+                   pp: replace(base, pingpong=not base.pingpong),
+                   lazy + ", " + pp: replace(base, lazy_rescale=not base.lazy_rescale, pingpong=not base.pingpong)}
+        fns = [_with_config(hopper, cfg, _gluon_fp8(q, k, v, causal, scale)) for cfg in configs.values()]
+        for fn in fns:  # each config's kernel compiled before the timed rounds
+            fn()
+        t = _interleaved(fns)
+        for label, x in zip(configs, t):
+            print(f"  {name:<18} {label:<34} {x:7.0f} ({flops / x * 1e-6:4.0f} TF) {x / t[0]:6.3f}", flush=True)
+
+
+def _with_config(hopper, cfg, fn):
+    """fn, run with hopper.ws_config answering cfg."""
+    def run():
+        base = hopper.ws_config
+        hopper.ws_config = lambda d_, dv_: cfg
+        try:
+            return fn()
+        finally:
+            hopper.ws_config = base
+    return run
 
 
 def format_costs():
@@ -286,10 +334,9 @@ def format_costs():
                                                replace(base, pingpong=not base.pingpong))):
             hopper.ws_config = lambda d_, dv_, cfg=cfg: cfg
             try:
-                rounds = [tuple(bench(fn) for fn in outs) for _ in range(3)]
+                t = _interleaved(outs)
             finally:
                 hopper.ws_config = base_config
-            t = [sorted(r[i] for r in rounds)[1] for i in range(len(outs))]
             print(f"{name:<18} {label:<13} " + " ".join(f"{x:7.0f}" for x in t) + " "
                   + " ".join(f"{x / t[0]:8.3f}" for x in t[1:]), flush=True)
 
@@ -317,7 +364,8 @@ def spread():
 
 # Shapes only --power uses: mla's shape with one K/V head per query head (is its slow mode
 # about every CTA streaming the same K/V?).
-POWER_SHAPES = [("mla_4k_as_mha", 2, 4096, 4096, 16, 16, 192, 128, True)]
+POWER_SHAPES = [("mla_4k_as_mha", 2, 4096, 4096, 16, 16, 192, 128, True),
+                ("mqa_4k_d128", 2, 4096, 4096, 16, 1, 128, 128, True)]  # mla's shape at d = 128
 POWER_PLAN = ["prefill_mla_4k:gluon", "prefill_mla_4k:sdpa", "prefill_gqa_8k:gluon", "prefill_gqa_8k:sdpa"]
 
 
@@ -332,9 +380,9 @@ def power_trace(plan=None, seconds=3.0):
     from attnquant.kernels.hopper import launch as hopper
 
     base_config = hopper.ws_config
-    fields = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    fields = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active,clocks.mem"
     shapes = {s[0]: s for s in PREFILL + POWER_SHAPES}
-    print("\npower trace (per 250 ms window: median µs per launch | SM MHz | W | °C | throttle reasons)")
+    print("\npower trace (per 250 ms window: median µs per launch | SM MHz | W | °C | throttle reasons | mem MHz)")
     for step in plan or POWER_PLAN:
         name, kind, *pause = step.split(":")
         _, b, sq, sk, h, hkv, d, dv, causal = shapes[name]
@@ -362,7 +410,7 @@ def power_trace(plan=None, seconds=3.0):
             watts = np.median([float(x[2]) for x in sm])
             reasons = sorted({x[4] for x in sm})
             print(f"  {name:<16} {label:<18} {w * 250:5d} ms {np.median(ts):7.0f} µs | {mhz:5.0f} MHz | "
-                  f"{watts:4.0f} W | {sm[-1][3]} °C | {' '.join(reasons)}", flush=True)
+                  f"{watts:4.0f} W | {sm[-1][3]} °C | {' '.join(reasons)} | {sm[-1][5]}", flush=True)
 
 
 def _trace(fn, pause, seconds, fields):
@@ -392,7 +440,8 @@ def _trace(fn, pause, seconds, fields):
             events += [(now, a.elapsed_time(z) * 1e3) for a, z in chunk]
         smi.terminate()
         smi.wait()
-        samples = [line.split(", ") for line in open(log.name).read().splitlines() if line.count(",") == 4]
+        samples = [line.split(", ") for line in open(log.name).read().splitlines()
+                   if line.count(",") == fields.count(",")]
     return events, samples[6:]  # (the samples of the 0.3 s before the first launch dropped)
 
 
@@ -401,6 +450,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="tile-config and split sweeps instead of the tables")
     ap.add_argument("--gluon-variants", action="store_true", help="Gluon kernel variants / ablations only")
     ap.add_argument("--spread", action="store_true", help="run-to-run spread of the Gluon kernel and cuDNN")
+    ap.add_argument("--configs", action="store_true", help="Gluon config options vs the default, interleaved")
     ap.add_argument("--formats", action="store_true", help="each output format's cost, ping-pong off and on")
     ap.add_argument("--power", nargs="*", metavar="SHAPE:gluon|sdpa[:PAUSE]",
                     help="launch times next to the SM clock and power draw (default plan: POWER_PLAN)")
@@ -419,6 +469,9 @@ def main(argv=None):
         return
     if args.formats:
         format_costs()
+        return
+    if args.configs:
+        config_ab()
         return
     if args.power is not None:
         power_trace(args.power)

@@ -65,7 +65,7 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
-                  pingpong=None, tma_store=True):
+                  pingpong=None, tma_store=True, lazy_rescale=None):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
     as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
     staging buffer fits, as in launch.tma_store_applies)."""
@@ -86,7 +86,8 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
     c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=varlen,
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
              GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence)
+             PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence,
+             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale)
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
             "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
@@ -121,8 +122,9 @@ VARIANTS = {
     "gluon d256 gqa, e5m2 out": gluon_variant(out="*fp8e5", d=256, dv=256, group=4),
     "gluon d128 gqa, nvfp4 out": gluon_variant(out="*u8", kind=3, group_size=16, group=4),
     "gluon d192-128 mqa, nvfp4 out": gluon_variant(out="*u8", kind=3, group_size=16, d=192, group=16),
-    "gluon d128 gqa ping-pong, bf16 register stores": gluon_variant(out="*bf16", kind=0, group=4, pingpong=True,
-                                                                    tma_store=False),
+    "gluon d128 gqa ping-pong, bf16 register stores, every O rescale": gluon_variant(
+        out="*bf16", kind=0, group=4, pingpong=True, tma_store=False, lazy_rescale=False),
+    "gluon d32 mha, bf16 out (16-value rescale blocks)": gluon_variant(out="*bf16", kind=0, d=32, dv=32),
 }
 
 

@@ -164,6 +164,26 @@ def test_pingpong_option(monkeypatch, causal, dims):
 
 
 @needs_gluon
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(32, 32), (128, 128), (192, 128)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_lazy_rescale_option(monkeypatch, causal, dims, dtype):
+    """WsConfig.lazy_rescale flipped from its default. Keys scaled up along the sequence, and
+    a few spikes, make the row maxima rise in many blocks by less and by more than the 2^8
+    threshold: the kept-max path (P up to 256), the moved-max path, and warps that skip O's
+    rescale next to warps that do it (Dv = 32 takes the 16-value asm blocks)."""
+    d, dv = dims
+    base = hopper.ws_config
+    monkeypatch.setattr(hopper, "ws_config",
+                        lambda d_, dv_: replace(base(d_, dv_), lazy_rescale=not base(d_, dv_).lazy_rescale))
+    b, s, h, hkv = 2, 1100, 4, 2
+    k = randn(b, s, hkv, d, dtype=torch.float32) * torch.linspace(0.3, 3.0, s, device=DEVICE)[None, :, None, None]
+    k[:, torch.randperm(s, device=DEVICE)[:12]] *= 4.0
+    q, v = randn(b, s, h, d, dtype=dtype), randn(b, s, hkv, dv, dtype=dtype)
+    _check(q, k.to(dtype), v, causal, torch.float8_e4m3fn)
+
+
+@needs_gluon
 @pytest.mark.parametrize("dims,kind,room", [((128, 128), "plain", True), ((128, 128), torch.float8_e4m3fn, True),
                                             ((192, 128), "plain", False), ((192, 128), "group_ue8m0", True)],
                          ids=str)

@@ -18,8 +18,10 @@ Q and first K/V blocks while the consumers finish the current one. Three partiti
   output epilogue. P never leaves registers: it is the A operand of the PV wgmma.
 
 Inside a consumer the loop is software-pipelined the FA3 way: the QK^T wgmma of block
-j is issued before the PV wgmma of block j-1 and the softmax of block j runs while
-that PV is still on the tensor cores. Across the two consumers a named-barrier
+j is issued first, O's rescale for block j-1 runs under it, then the PV wgmma of block
+j-1, and the softmax of block j runs while that PV is still on the tensor cores. O's
+rescale is FA4's conditional one: the running max moves only when a block's exceeds it
+by more than 2^8, and a warp whose rows all kept theirs skips the rescale. Across the two consumers a named-barrier
 ping-pong (PINGPONG) orders their wgmma issue so that one warpgroup's softmax
 overlaps the other's GEMMs. Registers move from the producer (24) to the consumers.
 
@@ -52,6 +54,22 @@ _nvfp4_scale_offset = gluon.jit(_portable.nvfp4_scale_offset.fn)
 WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (wgmma M = 64 per warpgroup)
 NUM_CONSUMERS = gl.constexpr(2)
 LN2 = gl.constexpr(0.6931471805599453)
+# LAZY_RESCALE: the running max moves only when a block's passes it by more than this (log2
+# units: P <= 256), FA4's threshold
+RESCALE_LOG2 = gl.constexpr(8.0)
+
+
+def _rescale_asm(n):
+    """n outputs $0.. = inputs $n.. (O) x $2n.. (alpha), unless input $3n (the warp's vote) is 0."""
+    muls = "".join(f" mul.f32 ${i}, ${i + n}, ${i + 2 * n};\n" for i in range(n))
+    movs = "".join(f" mov.b32 ${i}, ${i + n};\n" for i in range(n))
+    return (f"{{ .reg .pred skip;\n setp.eq.u32 skip, ${3 * n}, 0;\n @skip bra SKIP;\n{muls}"
+            f" bra.uni DONE;\n SKIP:\n{movs} DONE:\n}}")
+
+
+# O's rescale in asm blocks of 32 values of a thread (16 at Dv = 32, where a thread holds 16)
+_RESCALE_ASM = gl.constexpr({n: _rescale_asm(n) for n in (16, 32)})
+_RESCALE_CONSTRAINTS = gl.constexpr({n: ",".join(["=r"] * n + ["r"] * (3 * n)) for n in (16, 32)})
 
 
 # Hardware named barriers for the consumers' ping-pong (FA3's warp-scheduler barriers): ids
@@ -207,10 +225,13 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
 @gluon.jit
 def _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
                   MASKED: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, s_layout: gl.constexpr,
-                  p_dtype: gl.constexpr, ABLATE: gl.constexpr = 0):
+                  p_dtype: gl.constexpr, LAZY_RESCALE: gl.constexpr, ABLATE: gl.constexpr = 0):
     """Online softmax of score block j: returns (p, m_new, l_new, alpha) with
     p = exp2(s * qk_scale - m) in p_dtype (16-bit: half the registers of fp32 while it waits
     for its PV), alpha = exp2(m_old - m) (0-safe for rows with no key yet).
+    LAZY_RESCALE (FA4's conditional rescale): m moves only when the block's maximum passes it
+    by more than RESCALE_LOG2, so p <= 2^RESCALE_LOG2 (exact enough in 16 bits, no overflow in
+    fp32) and alpha is exactly 1 on most blocks, whose O rescale is then skipped (_rescale_o).
     ABLATE == 1 (a measurement variant, wrong results) skips it: p = s."""
     if ABLATE == 1:
         return s.to(p_dtype), m_i, l_i, l_i + 1.0
@@ -220,12 +241,52 @@ def _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
         if CAUSAL:
             ok = ok & (keys[None, :] <= (q_pos + diag)[:, None])
         s = gl.where(ok, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_blk = _row_max(s) * qk_scale
+    if LAZY_RESCALE:
+        m_new = gl.where(m_blk > m_i + RESCALE_LOG2, m_blk, m_i)
+    else:
+        m_new = gl.maximum(m_i, m_blk)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
     l_new = l_i * alpha + gl.sum(p, 1)
     return _pack_16bit(p, p_dtype), m_new, l_new, alpha
+
+
+@gluon.jit
+def _rescale_o(acc, alpha, LAZY_RESCALE: gl.constexpr):
+    """O *= alpha (per row). LAZY_RESCALE: each warp skips it when alpha is 1 on all 16 of its
+    rows (a warp vote and a branch, in inline asm: Gluon's `if` needs a value uniform over the
+    warpgroup, which would cost a cross-warp reduction through shared memory)."""
+    a = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))
+    if not LAZY_RESCALE:
+        return acc * a[:, None]
+    # A thread holds 2 rows of the wgmma layout (r and r + 8): pack=2 sees both.
+    need = gl.inline_asm_elementwise(
+        "{ .reg .pred p;\n setp.ne.f32 p, $2, 0f3F800000;\n setp.ne.or.f32 p, $3, 0f3F800000, p;\n"
+        " vote.sync.any.pred p, p, 0xffffffff;\n selp.u32 $0, 1, 0, p;\n mov.u32 $1, $0; }",
+        "=r,=r,r,r", [a], dtype=gl.int32, is_pure=False, pack=2)
+    if acc.shape[1] >= 64:  # 32 or more values a thread
+        return gl.inline_asm_elementwise(_RESCALE_ASM[32], _RESCALE_CONSTRAINTS[32], [acc, a[:, None], need[:, None]],
+                                         dtype=gl.float32, is_pure=True, pack=32)
+    else:  # Dv = 32: 16 values a thread
+        return gl.inline_asm_elementwise(_RESCALE_ASM[16], _RESCALE_CONSTRAINTS[16], [acc, a[:, None], need[:, None]],
+                                         dtype=gl.float32, is_pure=True, pack=16)
+
+
+@gluon.jit
+def _row_max(s):
+    """gl.max(s, 1) as a tree: Triton reduces a thread's 32 values of a row in one chain of
+    dependent max instructions (SASS: FMNMX x31 ahead of every exp2 of the block). Here the
+    column halves are maxed elementwise while the halving bit is a register bit of the wgmma
+    layout (columns 8 and up), then gl.max finishes the last 8 columns (one register pair,
+    two quad shuffles): the same 31 instructions, 6 deep instead of 31."""
+    n: gl.constexpr = s.shape[1]
+    row_layout: gl.constexpr = gl.SliceLayout(1, s.type.layout)
+    for _ in gl.static_range(gl.constexpr(n.bit_length() - 4)):  # n -> 8
+        a, b = gl.split(gl.permute(gl.reshape(s, [s.shape[0], 2, s.shape[1] // 2]), (0, 2, 1)))
+        s = gl.maximum(a, b)
+    return gl.convert_layout(gl.max(s, 1), row_layout)  # (the same rows to the same threads: no data moves)
 
 
 @gluon.jit
@@ -258,18 +319,19 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_don
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                      o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
-                     PV_FENCE: gl.constexpr):
+                     PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr):
     """One step of the consumer loop, key block j of the tile (g of the CTA): S_j = Q K_j^T
     and O += P_{j-1} V_{j-1} in flight together, the softmax of S_j under the PV.
     ABLATE == 2 (a measurement variant, wrong results) leaves the PV wgmma out."""
     slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
-    mbarrier.wait(v_ready.index(slot), ((g - 1) // NUM_STAGES) & 1)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    p_op = gl.convert_layout(p, p_layout)
     if PINGPONG:  # my turn: the other warpgroup has issued its GEMMs of its last block
         _named_barrier(PINGPONG_BARRIER0 + WG, False)
     s_tok = _issue_qk(q, ks, slot, s_zero, DB)
+    # O's rescale by the last block's alpha runs while S_j is on the tensor cores (FA3's order)
+    mbarrier.wait(v_ready.index(slot), ((g - 1) // NUM_STAGES) & 1)
+    acc = _rescale_o(acc, alpha, LAZY_RESCALE)
+    p_op = gl.convert_layout(p, p_layout)
     if ABLATE != 2:
         o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
     if PINGPONG:
@@ -280,7 +342,7 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_don
     # PV before the softmax (seen in SASS).
     s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
-                                       MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, ABLATE)
+                                       MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, LAZY_RESCALE, ABLATE)
     # PV_FENCE: an mbarrier wait that passes at once (its barrier never re-arms) ends the
     # basic block here. Without it ptxas hoists the PV wait below above the softmax (SASS:
     # WARPGROUP.DEPBAR before the exp2s), so the softmax no longer runs under the PV; with
@@ -300,7 +362,8 @@ def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always
               WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_STAGES: gl.constexpr,
               VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
               OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-              TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
+              TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
+              LAZY_RESCALE: gl.constexpr):
     """One warpgroup: rows WG*64 .. +64 of each tile the producer publishes."""
     pid, nprog, num_tiles, num_m, num_bh, section = sched
     g = 0  # key blocks consumed so far (the producer's ring counter)
@@ -316,7 +379,7 @@ def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always
                        Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq, sk, n_blocks, n_full, g, i,
                        out_strides, lse_strides, bs_strides, qk_scale,
                        WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE)
+                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)
         g += n_blocks
         i += 1
         tile = _read_tile(tile_ids, tile_full, tile_empty, i)
@@ -333,7 +396,8 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
                    WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
                    NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
                    OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-                   TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr):
+                   TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
+              LAZY_RESCALE: gl.constexpr):
     """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -364,28 +428,28 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     mbarrier.arrive(kv_empty.index(slot0))
     if n_full > 0:
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
-                                           False, BLOCK_N, CAUSAL, s_layout, dtype, ABLATE)
+                                           False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
     else:
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
-                                           True, BLOCK_N, CAUSAL, s_layout, dtype, ABLATE)
+                                           True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
     # Two loops, not one with a branch: the masked one's column indices stay out of the
     # unmasked loop's registers (in one loop ptxas kept them live and spilled).
     for j in range(1, n_full):
         acc, p, m_i, l_i, alpha = _pipelined_block(
             g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
-            s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     for j in range(gl.maximum(n_full, 1), n_blocks):
         acc, p, m_i, l_i, alpha = _pipelined_block(
             g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
-            s_layout, o_layout, p_layout, ABLATE, PV_FENCE)
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
     # tile's last PV and epilogue).
     mbarrier.arrive(q_empty.index(WG))
     g_last = g0 + n_blocks - 1  # V_{g_last} is in slot g_last + 1, released by the next tile's first block
     mbarrier.wait(v_ready.index((g_last + 1) % NUM_STAGES), (g_last // NUM_STAGES) & 1)
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    acc = _rescale_o(acc, alpha, LAZY_RESCALE)
     o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index((g_last + 1) % NUM_STAGES), acc,
                           is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok,))
@@ -498,7 +562,7 @@ def attn_fwd_ws_kernel(
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
-    PV_FENCE: gl.constexpr = False,
+    PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
     batch*heads per L2 section (_tile_coords), TileCounter an int32 zero (tiles handed out
@@ -558,12 +622,12 @@ def attn_fwd_ws_kernel(
                      always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
                      CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
                      bs_strides, qk_scale, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
-                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE)),
+                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
         (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                      always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
                      CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
                      bs_strides, qk_scale, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
-                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE)),
+                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
         (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
                      q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter,
                      num_heads, seqlen_q, seqlen_k,
