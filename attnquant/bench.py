@@ -288,11 +288,10 @@ def config_ab():
         scale = torch.tensor(0.02, device="cuda")
         flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
         base = hopper.ws_config(d, dv)
-        lazy = "lazy rescale " + ("off" if base.lazy_rescale else "on")
-        pp = "pingpong " + ("off" if base.pingpong else "on")
-        configs = {"default": base, lazy: replace(base, lazy_rescale=not base.lazy_rescale),
-                   pp: replace(base, pingpong=not base.pingpong),
-                   lazy + ", " + pp: replace(base, lazy_rescale=not base.lazy_rescale, pingpong=not base.pingpong)}
+        configs = {"default": base}
+        for option in ("lazy_rescale", "pingpong", "pv_fence"):
+            on = getattr(base, option)
+            configs[f"{option.replace('_', ' ')} {'off' if on else 'on'}"] = replace(base, **{option: not on})
         fns = [_with_config(hopper, cfg, _gluon_fp8(q, k, v, causal, scale)) for cfg in configs.values()]
         for fn in fns:  # each config's kernel compiled before the timed rounds
             fn()
@@ -365,7 +364,10 @@ def spread():
 # Shapes only --power uses: mla's shape with one K/V head per query head (is its slow mode
 # about every CTA streaming the same K/V?).
 POWER_SHAPES = [("mla_4k_as_mha", 2, 4096, 4096, 16, 16, 192, 128, True),
-                ("mqa_4k_d128", 2, 4096, 4096, 16, 1, 128, 128, True)]  # mla's shape at d = 128
+                # mla's shape at d = 128, with 16 / 4 / 1 query heads per KV head
+                ("mqa_4k_d128", 2, 4096, 4096, 16, 1, 128, 128, True),
+                ("gqa4_4k_d128", 2, 4096, 4096, 16, 4, 128, 128, True),
+                ("mha_4k_d128_h16", 2, 4096, 4096, 16, 16, 128, 128, True)]
 POWER_PLAN = ["prefill_mla_4k:gluon", "prefill_mla_4k:sdpa", "prefill_gqa_8k:gluon", "prefill_gqa_8k:sdpa"]
 
 
