@@ -337,9 +337,13 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, l
     # The Hopper fast path: host planning checked that it applies, except (under torch.compile)
     # the pointers' alignment, known only here.
     if tile[5] and hopper.aligned_for_tma(q, k, v):
-        with torch.cuda.device(q.device):
-            hopper.launch(p, fmt, out, lse, window_right == 0, softmax_scale, _epilogue_constexprs(fmt),
-                          _token_strides(out, p.varlen), _lse_strides(lse, p.varlen) if lse is not None else (0, 0, 0))
+        args = (p, fmt, out, lse, window_right == 0, softmax_scale, _epilogue_constexprs(fmt),
+                _token_strides(out, p.varlen), _lse_strides(lse, p.varlen) if lse is not None else (0, 0, 0))
+        if q.device.index == torch.cuda.current_device():  # (entering torch.cuda.device costs host time)
+            hopper.launch(*args)
+        else:
+            with torch.cuda.device(q.device):
+                hopper.launch(*args)
         return
     cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
     _launch_kernels(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, cfg)

@@ -55,6 +55,7 @@ class WsConfig:
     ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
 
 
+@functools.lru_cache(maxsize=None)
 def ws_config(head_dim: int, head_dim_v: int, block_n: Optional[int] = None) -> WsConfig:
     """128-key blocks (64 past head dim 192; `block_n` overrides, for measurements), as many
     K/V stages as shared memory allows (2-4); no consumer ping-pong (within noise at d=128,
@@ -181,12 +182,37 @@ def _smem_layout(block_shape, dtype):
     return gl.NVMMASharedLayout.get_default_for(list(block_shape), getattr(gl, _GL_DTYPES[dtype]))
 
 
-def _descriptor(t: torch.Tensor, block_rows: int, cols: int, col_block: int):
-    """TMA descriptor over t as a (tokens, cols = heads * head_dim) matrix."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+class _Address:
+    """What a cached TMA descriptor keeps of its tensor: the address and the dtype (the
+    launcher reads base.data_ptr()), so the cache holds no tensor alive."""
+    __slots__ = ("ptr", "dtype")
+
+    def __init__(self, ptr, dtype):
+        self.ptr, self.dtype = ptr, dtype
+
+    def data_ptr(self):
+        return self.ptr
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, cols: int, col_block: int, cached: bool = False):
+    """TMA descriptor over t as a (tokens, cols = heads * head_dim) matrix; `cached`: from a
+    cache keyed on everything the descriptor encodes (address, dtype, shape, row stride, block),
+    for the direct launch path (Triton's JIT binder gets descriptors of the tensor itself)."""
     rows = t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0]
+    if cached:
+        return _cached_descriptor(t.data_ptr(), t.dtype, rows, cols, t.stride(-3), block_rows, col_block)
+    return _make_descriptor(t, rows, cols, t.stride(-3), block_rows, col_block)
+
+
+def _make_descriptor(base, rows, cols, row_stride, block_rows, col_block):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     block = (block_rows, col_block)
-    return TensorDescriptor(t, [rows, cols], [t.stride(-3), 1], list(block), _smem_layout(block, t.dtype))
+    return TensorDescriptor(base, [rows, cols], [row_stride, 1], list(block), _smem_layout(block, base.dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_descriptor(ptr, dtype, rows, cols, row_stride, block_rows, col_block):
+    return _make_descriptor(_Address(ptr, dtype), rows, cols, row_stride, block_rows, col_block)
 
 
 def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict, out_strides, lse_strides):
@@ -195,31 +221,48 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
 
     cfg = ws_config(p.head_dim, p.head_dim_v)
     da, db = split_head_dim(p.head_dim)
-    hd, hkv_d, hkv_dv = p.num_heads * p.head_dim, p.num_heads_kv * p.head_dim, p.num_heads_kv * p.head_dim_v
-    q_desc = _descriptor(p.q, WG_ROWS, hd, da)
-    k_desc = _descriptor(p.k, cfg.block_n, hkv_d, da)
-    qb_desc = _descriptor(p.q, WG_ROWS, hd, db) if db else q_desc
-    kb_desc = _descriptor(p.k, cfg.block_n, hkv_d, db) if db else k_desc
-    v_desc = _descriptor(p.v, cfg.block_n, hkv_dv, p.head_dim_v)
     tma_store = tma_store_applies(p, cfg, out)
-    o_desc = _descriptor(out, WG_ROWS, p.num_heads * p.head_dim_v, p.head_dim_v) if tma_store else v_desc
-    dummy = out
     num_tiles = cdiv(max(p.max_seqlen_q, 1), BLOCK_M) * p.batch * p.num_heads
     dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
-    grid = (min(num_tiles, _num_sms(dev)) if cfg.persistent else num_tiles,)
-    attn_fwd_ws_kernel[grid](
-        q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, out, lse if lse is not None else dummy,
-        fmt.scale if fmt.scale is not None else dummy,
-        fmt.block_scale if fmt.block_scale is not None else dummy,
-        p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
-        torch.zeros(1, dtype=torch.int32, device=p.q.device),  # the tile counter (forward._producer)
-        *out_strides, *lse_strides, *fmt.block_scale_strides,
-        p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p), softmax_scale * LOG2E,
+    grid = min(num_tiles, _num_sms(dev)) if cfg.persistent else num_tiles
+    dummy = out
+    pointers = (out, lse if lse is not None else dummy, fmt.scale if fmt.scale is not None else dummy,
+                fmt.block_scale if fmt.block_scale is not None else dummy,
+                p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
+                torch.zeros(1, dtype=torch.int32, device=p.q.device))  # the tile counter (forward._producer)
+    ints = (*out_strides, *lse_strides, *fmt.block_scale_strides,
+            p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p))
+    constexprs = dict(
         GROUP=p.num_heads // p.num_heads_kv, DA=da, DB=db, DV=p.head_dim_v,
         BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=p.varlen, CAUSAL=causal,
-        PINGPONG=cfg.pingpong, STORE_LSE=lse is not None, TMA_STORE=tma_store,
+        PINGPONG=cfg.pingpong, STORE_LSE=lse is not None,
         OUT_KIND=epilogue["OUT_KIND"], FP8_MAX=epilogue["FP8_MAX"], GROUP_SIZE=epilogue["GROUP_SIZE"],
-        UE8M0=epilogue["UE8M0"], CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs,
-        ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale,
-        num_warps=4, maxnreg=168,
-    )
+        UE8M0=epilogue["UE8M0"], TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
+        PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale)
+    # What Triton specializes the kernel on (the descriptors: their dtype, q's, and blocks, fixed
+    # by the constexprs): pointers' dtype and 16-byte alignment, ints' == 1, % 16, 32-bit range.
+    key = (dev, p.q.dtype, tuple(constexprs.values()), tuple((t.dtype, t.data_ptr() % 16 == 0) for t in pointers),
+           tuple((i == 1, i % 16 == 0, -2**31 <= i < 2**31) for i in ints))
+    kernel = _COMPILED.get(key)
+    hit = kernel is not None
+    hd, hkv_d, hkv_dv = p.num_heads * p.head_dim, p.num_heads_kv * p.head_dim, p.num_heads_kv * p.head_dim_v
+    q_desc = _descriptor(p.q, WG_ROWS, hd, da, hit)
+    k_desc = _descriptor(p.k, cfg.block_n, hkv_d, da, hit)
+    qb_desc = _descriptor(p.q, WG_ROWS, hd, db, hit) if db else q_desc
+    kb_desc = _descriptor(p.k, cfg.block_n, hkv_d, db, hit) if db else k_desc
+    v_desc = _descriptor(p.v, cfg.block_n, hkv_dv, p.head_dim_v, hit)
+    o_desc = _descriptor(out, WG_ROWS, p.num_heads * p.head_dim_v, p.head_dim_v, hit) if tma_store else v_desc
+    args = (q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, *pointers, *ints, softmax_scale * LOG2E)
+    if not hit:  # Triton's JIT dispatch: binds, specializes, compiles (once), launches
+        assert attn_fwd_ws_kernel.arg_names[len(args):] == list(constexprs)  # (the constexprs come last)
+        _COMPILED[key] = attn_fwd_ws_kernel[(grid,)](*args, **constexprs, num_warps=4, maxnreg=168)
+    else:  # the kernel it compiled for this key, launched directly (every parameter, in order)
+        kernel[(grid, 1, 1)](*args, *constexprs.values(), stream=torch.cuda.current_stream(dev).cuda_stream)
+
+
+# Compiled kernels by launch key. Triton's JIT dispatch (binding ~50 arguments, computing
+# their specialization, looking up its cache) and building six TMA descriptors cost ~150 us
+# of host time per call on the lent H100's host CPU, the whole call ~370 us: more than the
+# GPU time of a 4k-token prefill, so the eager call was launch-bound (perf-notes v19). A call
+# whose key was seen launches the CompiledKernel directly, with cached descriptors.
+_COMPILED = {}

@@ -1,0 +1,44 @@
+"""Host time of one eager call, next to the GPU time of the same call: is the benchmark timing
+the kernel, or Python? Launches N calls back to back without synchronizing (the GPU queue
+absorbs them, so the loop's wall time is the host's), then synchronizes; then a cProfile of
+the Gluon calls. A call whose host time exceeds its GPU time is launch-bound, and do_bench
+then times the host (perf-notes v19).
+Usage: python scripts/host_overhead.py [shape name from attnquant.bench.PREFILL]"""
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import torch
+
+import attnquant as aq
+from attnquant.bench import PREFILL, _prefill_inputs, bench_graph
+
+name = sys.argv[1] if len(sys.argv) > 1 else "prefill_mla_4k"
+_, b, sq, sk, h, hkv, d, dv, causal = next(s for s in PREFILL if s[0] == name)
+q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+scale = torch.tensor(0.02, device="cuda")
+print(f"{name}: host µs per call (n calls launched back to back), GPU µs per call (CUDA-graph replay)")
+for backend in ("gluon", "triton"):
+    fn = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend=backend)  # noqa: E731
+    gpu = bench_graph(fn)
+    for n in (20, 200):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        print(f"  {backend:<7} n={n:<4} host {host:6.1f} µs/call   GPU {gpu:6.1f} µs/call", flush=True)
+fn = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")  # noqa: E731
+prof = cProfile.Profile()
+prof.enable()
+for _ in range(100):
+    fn()
+prof.disable()
+torch.cuda.synchronize()
+out = io.StringIO()
+pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+print(out.getvalue())
