@@ -272,29 +272,30 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
     if causal:
         right = 0
     interpret = _interpreting()
-    paged = p.block_table is not None
-    cfg = config or forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * group, interpret,
-                                   p.page_size if paged else 0)
-    m_tiles = cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
-    key_blocks = cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
-    requested_splits = num_splits
-    if num_splits == 0:
-        device = p.q.device
-        sms = 16 if interpret else num_sms(device.index if device.index is not None else torch.cuda.current_device())
-        gather = paged and p.page_size < cfg.block_n
-        num_splits = num_splits_heuristic(m_tiles * p.batch * p.num_heads_kv, p.max_seqlen_k, cfg.block_n, sms,
-                                          min_blocks_per_split=8 if gather else 16)
-    num_splits = max(1, min(num_splits, key_blocks))
-    use_gluon = False
-    if choice == "gluon":
-        why_not = hopper.unsupported_reason(p, causal, window_size, softcap, requested_splits, interpret)
+    if choice == "gluon":  # (no portable planning: host time is what an eager call pays for)
+        why_not = hopper.unsupported_reason(p, causal, window_size, softcap, num_splits, interpret)
         if why_not is not None:
             raise ValueError(f"backend='gluon' cannot run this call: {why_not}")
-        use_gluon, num_splits = True, 1
-    elif choice == "auto" and config is None and p.max_seqlen_q * group > 64 and num_splits == 1:
-        # decode-sized tiles and calls the split heuristic splits stay portable, unchecked
-        # (the decode path's host time is what eager decode pays for)
-        use_gluon = hopper.unsupported_reason(p, causal, window_size, softcap, requested_splits, interpret) is None
+        use_gluon, num_splits, cfg = True, 1, None
+    else:
+        paged = p.block_table is not None
+        cfg = config or forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * group, interpret,
+                                       p.page_size if paged else 0)
+        m_tiles = cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
+        key_blocks = cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
+        requested_splits = num_splits
+        if num_splits == 0:
+            device = p.q.device
+            sms = 16 if interpret else num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            gather = paged and p.page_size < cfg.block_n
+            num_splits = num_splits_heuristic(m_tiles * p.batch * p.num_heads_kv, p.max_seqlen_k, cfg.block_n, sms,
+                                              min_blocks_per_split=8 if gather else 16)
+        num_splits = max(1, min(num_splits, key_blocks))
+        use_gluon = False
+        if choice == "auto" and config is None and p.max_seqlen_q * group > 64 and num_splits == 1:
+            # decode-sized tiles and calls the split heuristic splits stay portable, unchecked
+            # (the decode path's host time is what eager decode pays for)
+            use_gluon = hopper.unsupported_reason(p, causal, window_size, softcap, requested_splits, interpret) is None
     lse = torch.empty(p.lse_shape, dtype=torch.float32, device=p.q.device) if return_lse else None
     if p.batch == 0 or p.max_seqlen_q == 0 or p.num_heads == 0 or out.numel() == 0:
         return out, lse
@@ -304,6 +305,7 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
     run(p.q, p.k, p.v, out, lse, fmt.scale, fmt.block_scale, p.block_table, p.cu_seqlens_q, p.cu_seqlens_k,
         p.seqused_k, p.max_seqlen_q, p.max_seqlen_k, num_splits, left, right,
         p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale), float(softcap),
+        [0, 0, 0, 0, 0, 1] if cfg is None else  # (Gluon picks its tiles; _fwd plans a fallback if needed)
         [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr), int(use_gluon)],
         [fmt.group_size, int(fmt.ue8m0), *fmt.block_scale_strides])
     return out, lse
@@ -345,7 +347,11 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, l
             with torch.cuda.device(q.device):
                 hopper.launch(*args)
         return
-    cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
+    if tile[0]:
+        cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
+    else:  # forced Gluon, whose pointers (seen only here under torch.compile) are not 16-byte aligned
+        cfg = forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * (p.num_heads // p.num_heads_kv),
+                             _interpreting())
     _launch_kernels(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, cfg)
 
 

@@ -128,17 +128,17 @@ def _is_sm90(device_index: int) -> bool:
 
 def _views_ok(t: torch.Tensor, varlen: bool) -> bool:
     """t (B, S, Hx, Dx) or (T, Hx, Dx) reads as a 2-D (tokens, Hx * Dx) matrix for TMA."""
-    hd = t.shape[-2] * t.shape[-1]
-    tok_stride = t.stride(-3)
-    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] or (tok_stride * t.dtype.itemsize) % 16:
+    shape, stride = t.shape, t.stride()  # (one call each: this runs on every eager call)
+    tok_stride = stride[-3]
+    if stride[-1] != 1 or stride[-2] != shape[-1] or (tok_stride * t.dtype.itemsize) % 16:
         return False
-    if tok_stride < hd:
+    if tok_stride < shape[-2] * shape[-1]:
         return False
     # The 16-byte aligned base is checked where pointers exist: here eagerly, and in the op
     # (aligned_for_tma) under torch.compile, whose tensors are fake while it traces.
-    if not torch.compiler.is_compiling() and not aligned_for_tma(t):
+    if not torch.compiler.is_compiling() and t.data_ptr() % 16:
         return False
-    return varlen or t.shape[0] == 1 or t.stride(0) == t.shape[1] * tok_stride
+    return varlen or shape[0] == 1 or stride[0] == shape[1] * tok_stride
 
 
 def aligned_for_tma(*tensors) -> bool:
@@ -198,7 +198,8 @@ def _descriptor(t: torch.Tensor, block_rows: int, cols: int, col_block: int, cac
     """TMA descriptor over t as a (tokens, cols = heads * head_dim) matrix; `cached`: from a
     cache keyed on everything the descriptor encodes (address, dtype, shape, row stride, block),
     for the direct launch path (Triton's JIT binder gets descriptors of the tensor itself)."""
-    rows = t.shape[0] * t.shape[1] if t.dim() == 4 else t.shape[0]
+    shape = t.shape
+    rows = shape[0] * shape[1] if len(shape) == 4 else shape[0]
     if cached:
         return _cached_descriptor(t.data_ptr(), t.dtype, rows, cols, t.stride(-3), block_rows, col_block)
     return _make_descriptor(t, rows, cols, t.stride(-3), block_rows, col_block)
@@ -241,8 +242,8 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
         PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale)
     # What Triton specializes the kernel on (the descriptors: their dtype, q's, and blocks, fixed
     # by the constexprs): pointers' dtype and 16-byte alignment, ints' == 1, % 16, 32-bit range.
-    key = (dev, p.q.dtype, tuple(constexprs.values()), tuple((t.dtype, t.data_ptr() % 16 == 0) for t in pointers),
-           tuple((i == 1, i % 16 == 0, -2**31 <= i < 2**31) for i in ints))
+    key = (dev, p.q.dtype, *constexprs.values(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers],
+           *[(i == 1, i % 16 == 0, -2**31 <= i < 2**31) for i in ints])
     kernel = _COMPILED.get(key)
     hit = kernel is not None
     hd, hkv_d, hkv_dv = p.num_heads * p.head_dim, p.num_heads_kv * p.head_dim, p.num_heads_kv * p.head_dim_v
