@@ -164,6 +164,25 @@ def test_pingpong_option(monkeypatch, causal, dims):
 
 
 @needs_gluon
+@pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
+def test_launch_cache(monkeypatch, dims):
+    """After the first call of a launch key the compiled kernel is launched directly (Triton's
+    JIT dispatch skipped) with descriptors from the cache: fresh tensors of the same shapes
+    still get their own results, and no call goes back through the JIT."""
+    from attnquant.kernels.hopper import forward as gluon_fwd
+
+    (d, dv), dtype = dims, DTYPES[0]
+    shapes = ((2, 300, 4, d), (2, 333, 2, d), (2, 333, 2, dv))
+    _check(*(randn(*s, dtype=dtype) for s in shapes), True, torch.float8_e4m3fn)  # (the key's first call)
+    kernel = gluon_fwd.attn_fwd_ws_kernel
+    jit_calls = []
+    monkeypatch.setattr(kernel, "run", lambda *a, **kw: jit_calls.append(1) or type(kernel).run(kernel, *a, **kw))
+    for _ in range(2):
+        _check(*(randn(*s, dtype=dtype) for s in shapes), True, torch.float8_e4m3fn)
+    assert jit_calls == []
+
+
+@needs_gluon
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dims", [(32, 32), (128, 128), (192, 128)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
