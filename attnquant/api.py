@@ -258,6 +258,12 @@ def _epilogue_constexprs(fmt: quant.OutputFormat):
     )
 
 
+def _portable_config(p: _Problem, interpret: bool) -> FwdConfig:
+    """The portable kernel's tile config for this call (kernels/config.py)."""
+    return forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * (p.num_heads // p.num_heads_kv), interpret,
+                          p.page_size if p.block_table is not None else 0)
+
+
 def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_scale, causal, window_size,
              softcap, num_splits, return_lse, config: Optional[FwdConfig] = None, backend: Optional[str] = "triton"):
     """Host planning (backend, tile config, split count, LSE allocation), then the registered op.
@@ -279,8 +285,7 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
         use_gluon, num_splits, cfg = True, 1, None
     else:
         paged = p.block_table is not None
-        cfg = config or forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * group, interpret,
-                                       p.page_size if paged else 0)
+        cfg = config or _portable_config(p, interpret)
         m_tiles = cdiv(max(p.max_seqlen_q, 1) * group, cfg.block_m)
         key_blocks = cdiv(max(p.max_seqlen_k, 1), cfg.block_n)
         requested_splits = num_splits
@@ -350,8 +355,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, l
     if tile[0]:
         cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
     else:  # forced Gluon, whose pointers (seen only here under torch.compile) are not 16-byte aligned
-        cfg = forward_config(p.head_dim, p.head_dim_v, p.max_seqlen_q * (p.num_heads // p.num_heads_kv),
-                             _interpreting())
+        cfg = _portable_config(p, _interpreting())
     _launch_kernels(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, cfg)
 
 

@@ -320,7 +320,6 @@ def format_costs():
 
     from attnquant.kernels.hopper import launch as hopper
 
-    base_config = hopper.ws_config
     print("\nformat costs (µs; gluon; median of 3 interleaved rounds)")
     print(f"{'shape':<18} {'config':<13} {'bf16':>7} {'fp8':>7} {'grp fp8':>7} {'nvfp4':>7} "
           f"{'fp8/bf16':>8} {'grp/bf16':>8} {'fp4/bf16':>8}")
@@ -328,14 +327,10 @@ def format_costs():
         q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
         scale = torch.tensor(0.02, device="cuda")
         outs = _gluon_format_calls(q, k, v, causal, scale)
-        base = base_config(d, dv)
+        base = hopper.ws_config(d, dv)
         for label, cfg in (("default", base), ("pingpong " + ("off" if base.pingpong else "on"),
                                                replace(base, pingpong=not base.pingpong))):
-            hopper.ws_config = lambda d_, dv_, cfg=cfg: cfg
-            try:
-                t = _interleaved(outs)
-            finally:
-                hopper.ws_config = base_config
+            t = _interleaved([_with_config(hopper, cfg, fn) for fn in outs])
             print(f"{name:<18} {label:<13} " + " ".join(f"{x:7.0f}" for x in t) + " "
                   + " ".join(f"{x / t[0]:8.3f}" for x in t[1:]), flush=True)
 
