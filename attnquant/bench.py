@@ -275,15 +275,21 @@ def _interleaved(fns, rounds=3):
     return [sorted(r[i] for r in times)[rounds // 2] for i in range(len(fns))]
 
 
-def config_ab():
+EXP2_POLY_AB = (0, 1, 2, 3)  # exponentials of 8 on the FMA pipe, the values config_ab compares
+
+
+def config_ab(shapes=()):
     """Gluon tile-config options against the default, interleaved (static fp8 out): whether a
-    change to the kernel's schedule is worth it, measured in one run."""
+    change to the kernel's schedule is worth it, measured in one run. `shapes`: substrings of
+    the PREFILL names to run (all when empty)."""
     from dataclasses import replace
 
     from attnquant.kernels.hopper import launch as hopper
 
     print("\nconfig A/B (µs; gluon, static fp8 out; median of 3 interleaved rounds; ratio to default)")
     for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
+        if shapes and not any(x in name for x in shapes):
+            continue
         q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
         scale = torch.tensor(0.02, device="cuda")
         flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
@@ -292,6 +298,11 @@ def config_ab():
         for option in ("lazy_rescale", "pingpong", "pv_fence"):
             on = getattr(base, option)
             configs[f"{option.replace('_', ' ')} {'off' if on else 'on'}"] = replace(base, **{option: not on})
+        # FA3's whole schedule: the warpgroups' ping-pong and the softmax under its own PV
+        configs["pingpong + pv fence flipped"] = replace(base, pingpong=not base.pingpong, pv_fence=not base.pv_fence)
+        for n in EXP2_POLY_AB:
+            if n != base.exp2_poly:
+                configs[f"exp2 poly {n}/8"] = replace(base, exp2_poly=n)
         fns = [_with_config(hopper, cfg, _gluon_fp8(q, k, v, causal, scale)) for cfg in configs.values()]
         for fn in fns:  # each config's kernel compiled before the timed rounds
             fn()
@@ -447,7 +458,9 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="tile-config and split sweeps instead of the tables")
     ap.add_argument("--gluon-variants", action="store_true", help="Gluon kernel variants / ablations only")
     ap.add_argument("--spread", action="store_true", help="run-to-run spread of the Gluon kernel and cuDNN")
-    ap.add_argument("--configs", action="store_true", help="Gluon config options vs the default, interleaved")
+    ap.add_argument("--configs", nargs="*", metavar="SHAPE",
+                    help="Gluon config options vs the default, interleaved (on the PREFILL shapes whose names "
+                         "contain a SHAPE; all when none is given)")
     ap.add_argument("--formats", action="store_true", help="each output format's cost, ping-pong off and on")
     ap.add_argument("--power", nargs="*", metavar="SHAPE:gluon|sdpa[:PAUSE]",
                     help="launch times next to the SM clock and power draw (default plan: POWER_PLAN)")
@@ -467,8 +480,8 @@ def main(argv=None):
     if args.formats:
         format_costs()
         return
-    if args.configs:
-        config_ab()
+    if args.configs is not None:
+        config_ab(args.configs)
         return
     if args.power is not None:
         power_trace(args.power)

@@ -2,10 +2,11 @@
 
     ncu --clock-control none --kernel-name regex:attn_fwd_ws --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-        python3 scripts/profile_gluon.py noncausal_mha_8k [ablate] [fp8|bf16|nvfp4]
+        python3 scripts/profile_gluon.py noncausal_mha_8k [ablate] [fp8|bf16|nvfp4] [option=N ...]
 
-`ablate` 1 leaves the softmax out, 2 the PV GEMM (timing variants, wrong results); the last
-argument picks the output format (default static FP8)."""
+`ablate` 1 leaves the softmax out, 2 the PV GEMM (timing variants, wrong results); the third
+argument picks the output format (default static FP8); option=N sets an int or bool WsConfig
+field (pingpong=1, pv_fence=1, exp2_poly=2, ...)."""
 
 import sys
 from dataclasses import replace
@@ -21,9 +22,11 @@ ablate = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 out_format = sys.argv[3] if len(sys.argv) > 3 else "fp8"
 _, b, sq, sk, h, hkv, d, dv, causal = next(s for s in PREFILL if s[0] == name)
 q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
-if ablate:
+options = dict(arg.split("=") for arg in sys.argv[4:])
+if ablate or options:
     base = hopper.ws_config(d, dv)
-    hopper.ws_config = lambda d_, dv_: replace(base, ablate=ablate)
+    cfg = replace(base, ablate=ablate, **{k: type(getattr(base, k))(int(x)) for k, x in options.items()})
+    hopper.ws_config = lambda d_, dv_: cfg
 scale = torch.tensor(0.02, device="cuda")
 fmt = {"fp8": dict(output_scale=scale), "bf16": {},
        "nvfp4": dict(out_dtype="nvfp4", output_scale=scale,
