@@ -275,10 +275,7 @@ def _interleaved(fns, rounds=3):
     return [sorted(r[i] for r in times)[rounds // 2] for i in range(len(fns))]
 
 
-EXP2_POLY_AB = (0, 1, 2, 3)  # exponentials of 8 on the FMA pipe, the values config_ab compares
-
-
-def config_ab(shapes=()):
+def config_ab(shapes=(), rounds=3):
     """Gluon tile-config options against the default, interleaved (static fp8 out): whether a
     change to the kernel's schedule is worth it, measured in one run. `shapes`: substrings of
     the PREFILL names to run (all when empty)."""
@@ -286,7 +283,7 @@ def config_ab(shapes=()):
 
     from attnquant.kernels.hopper import launch as hopper
 
-    print("\nconfig A/B (µs; gluon, static fp8 out; median of 3 interleaved rounds; ratio to default)")
+    print(f"\nconfig A/B (µs; gluon, static fp8 out; median of {rounds} interleaved rounds; ratio to default)")
     for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
         if shapes and not any(x in name for x in shapes):
             continue
@@ -300,13 +297,10 @@ def config_ab(shapes=()):
             configs[f"{option.replace('_', ' ')} {'off' if on else 'on'}"] = replace(base, **{option: not on})
         # FA3's whole schedule: the warpgroups' ping-pong and the softmax under its own PV
         configs["pingpong + pv fence flipped"] = replace(base, pingpong=not base.pingpong, pv_fence=not base.pv_fence)
-        for n in EXP2_POLY_AB:
-            if n != base.exp2_poly:
-                configs[f"exp2 poly {n}/8"] = replace(base, exp2_poly=n)
         fns = [_with_config(hopper, cfg, _gluon_fp8(q, k, v, causal, scale)) for cfg in configs.values()]
         for fn in fns:  # each config's kernel compiled before the timed rounds
             fn()
-        t = _interleaved(fns)
+        t = _interleaved(fns, rounds)
         for label, x in zip(configs, t):
             print(f"  {name:<18} {label:<34} {x:7.0f} ({flops / x * 1e-6:4.0f} TF) {x / t[0]:6.3f}", flush=True)
 
@@ -461,6 +455,7 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="*", metavar="SHAPE",
                     help="Gluon config options vs the default, interleaved (on the PREFILL shapes whose names "
                          "contain a SHAPE; all when none is given)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --configs")
     ap.add_argument("--formats", action="store_true", help="each output format's cost, ping-pong off and on")
     ap.add_argument("--power", nargs="*", metavar="SHAPE:gluon|sdpa[:PAUSE]",
                     help="launch times next to the SM clock and power draw (default plan: POWER_PLAN)")
@@ -481,7 +476,7 @@ def main(argv=None):
         format_costs()
         return
     if args.configs is not None:
-        config_ab(args.configs)
+        config_ab(args.configs, args.rounds)
         return
     if args.power is not None:
         power_trace(args.power)

@@ -6,7 +6,7 @@
 
 `ablate` 1 leaves the softmax out, 2 the PV GEMM (timing variants, wrong results); the third
 argument picks the output format (default static FP8); option=N sets an int or bool WsConfig
-field (pingpong=1, pv_fence=1, exp2_poly=2, ...)."""
+field (pingpong=1, pv_fence=1, ...)."""
 
 import sys
 from dataclasses import replace

@@ -203,25 +203,6 @@ def test_lazy_rescale_option(monkeypatch, causal, dims, dtype):
 
 
 @needs_gluon
-@pytest.mark.parametrize("n_poly", [0, 1, 4])
-@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn], ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
-def test_exp2_poly_option(monkeypatch, dims, causal, kind, n_poly):
-    """WsConfig.exp2_poly: n_poly of every 8 exponentials by the FMA-pipe polynomial. Scores
-    spread wide (exponents far below -126, where the polynomial's clamp takes over) and, causal
-    with Sk < Sq, rows with no key: masked scores (-inf) must give exactly 0, or such a row
-    would average V instead of writing 0 and LSE -inf."""
-    (d, dv), dtype = dims, DTYPES[0]
-    base = hopper.ws_config
-    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: replace(base(d_, dv_), exp2_poly=n_poly))
-    sq, sk = 1500, 700
-    q = randn(1, sq, 4, d, dtype=torch.float32) * torch.linspace(0.2, 20.0, sq, device=DEVICE)[None, :, None, None]
-    k, v = randn(1, sk, 2, d, dtype=dtype), randn(1, sk, 2, dv, dtype=dtype)
-    _check(q.to(dtype), k, v, causal, kind)
-
-
-@needs_gluon
 @pytest.mark.parametrize("dims,kind,room", [((128, 128), "plain", True), ((128, 128), torch.float8_e4m3fn, True),
                                             ((192, 128), "plain", False), ((192, 128), "group_ue8m0", True)],
                          ids=str)

@@ -72,26 +72,6 @@ _RESCALE_ASM = gl.constexpr({n: _rescale_asm(n) for n in (16, 32)})
 _RESCALE_CONSTRAINTS = gl.constexpr({n: ",".join(["=r"] * n + ["r"] * (3 * n)) for n in (16, 32)})
 
 
-def _exp2_asm(n_poly):
-    """8 outputs $0..7 = 2^x of inputs $8..15: the first 8 - n_poly on the MUFU (ex2.approx.ftz,
-    as gl.exp2), the last n_poly by a polynomial on the FMA pipe (FA4's exp2 emulation). x is
-    clamped to -127; t = x + 1.5 * 2^23 + 127 holds n + 127 (n = round(x)) in its low bits, so
-    t << 23 is the float 2^n (0.0 at n = -127: -inf gives exactly 0, as the MUFU does);
-    f = x - n in [-0.5, 0.5]; 2^f by a degree-3 minimax polynomial (relative error 7.5e-5,
-    under half a 16-bit P's rounding step); 2^x = 2^f * 2^n (ftz)."""
-    lines = [f" ex2.approx.ftz.f32 ${i}, ${i + 8};" for i in range(8 - n_poly)]
-    for i in range(8 - n_poly, 8):
-        lines.append(f" max.f32 x, ${i + 8}, 0fC2FE0000;\n add.rn.f32 t, x, 0f4B40007F;\n sub.rn.f32 f, t, 0f4B40007F;\n"
-                     f" sub.rn.f32 f, x, f;\n fma.rn.f32 p, f, 0f3D61FB71, 0f3E786EF8;\n fma.rn.f32 p, p, f, 0f3F31798D;\n"
-                     f" fma.rn.f32 p, p, f, 0f3F7FFB4A;\n shl.b32 n, t, 23;\n mul.ftz.f32 ${i}, p, n;")
-    return "{ .reg .f32 x, t, f, p;\n .reg .b32 n;\n" + "\n".join(lines) + "\n}"
-
-
-# exp2 of 8 values with 0-4 of them on the polynomial (EXP2_POLY)
-_EXP2_ASM = gl.constexpr({n: _exp2_asm(n) for n in range(5)})
-_EXP2_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 8))
-
-
 # Hardware named barriers for the consumers' ping-pong (FA3's warp-scheduler barriers): ids
 # Triton's own partition barriers do not use (it takes 0-2 here), 2 x 128 threads each.
 PINGPONG_BARRIER0 = gl.constexpr(8)
@@ -245,16 +225,13 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
 @gluon.jit
 def _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
                   MASKED: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, s_layout: gl.constexpr,
-                  p_dtype: gl.constexpr, LAZY_RESCALE: gl.constexpr, EXP2_POLY: gl.constexpr,
-                  ABLATE: gl.constexpr = 0):
+                  p_dtype: gl.constexpr, LAZY_RESCALE: gl.constexpr, ABLATE: gl.constexpr = 0):
     """Online softmax of score block j: returns (p, m_new, l_new, alpha) with
     p = exp2(s * qk_scale - m) in p_dtype (16-bit: half the registers of fp32 while it waits
     for its PV), alpha = exp2(m_old - m) (0-safe for rows with no key yet).
     LAZY_RESCALE (FA4's conditional rescale): m moves only when the block's maximum passes it
     by more than RESCALE_LOG2, so p <= 2^RESCALE_LOG2 (exact enough in 16 bits, no overflow in
     fp32) and alpha is exactly 1 on most blocks, whose O rescale is then skipped (_rescale_o).
-    EXP2_POLY of every 8 exponentials run as a polynomial on the FMA pipe (_exp2_asm): the MUFU
-    pipe's 4 lanes per clock and quadrant made the exp2s the longest stretch of the softmax.
     ABLATE == 1 (a measurement variant, wrong results) skips it: p = s."""
     if ABLATE == 1:
         return s.to(p_dtype), m_i, l_i, l_i + 1.0
@@ -270,11 +247,7 @@ def _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
     else:
         m_new = gl.maximum(m_i, m_blk)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    if EXP2_POLY > 0:
-        p = gl.inline_asm_elementwise(_EXP2_ASM[EXP2_POLY], _EXP2_CONSTRAINTS, [s * qk_scale - m_use[:, None]],
-                                      dtype=gl.float32, is_pure=True, pack=8)
-    else:
-        p = gl.exp2(s * qk_scale - m_use[:, None])
+    p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
     l_new = l_i * alpha + gl.sum(p, 1)
     return _pack_16bit(p, p_dtype), m_new, l_new, alpha
@@ -346,7 +319,7 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_don
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                      o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
-                     PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr, EXP2_POLY: gl.constexpr):
+                     PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr):
     """One step of the consumer loop, key block j of the tile (g of the CTA): S_j = Q K_j^T
     and O += P_{j-1} V_{j-1} in flight together, the softmax of S_j under the PV.
     ABLATE == 2 (a measurement variant, wrong results) leaves the PV wgmma out."""
@@ -369,8 +342,7 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_don
     # PV before the softmax (seen in SASS).
     s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
-                                       MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, LAZY_RESCALE, EXP2_POLY,
-                                       ABLATE)
+                                       MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, LAZY_RESCALE, ABLATE)
     # PV_FENCE: an mbarrier wait that passes at once (its barrier never re-arms) ends the
     # basic block here. Without it ptxas hoists the PV wait below above the softmax (SASS:
     # WARPGROUP.DEPBAR before the exp2s), so the softmax no longer runs under the PV; with
@@ -391,7 +363,7 @@ def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always
               VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
               OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
               TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-              LAZY_RESCALE: gl.constexpr, EXP2_POLY: gl.constexpr):
+              LAZY_RESCALE: gl.constexpr):
     """One warpgroup: rows WG*64 .. +64 of each tile the producer publishes."""
     pid, nprog, num_tiles, num_m, num_bh, section = sched
     g = 0  # key blocks consumed so far (the producer's ring counter)
@@ -407,7 +379,7 @@ def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always
                        Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq, sk, n_blocks, n_full, g, i,
                        out_strides, lse_strides, bs_strides, qk_scale,
                        WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, EXP2_POLY)
+                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)
         g += n_blocks
         i += 1
         tile = _read_tile(tile_ids, tile_full, tile_empty, i)
@@ -425,7 +397,7 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
                    NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
                    OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
                    TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-                   LAZY_RESCALE: gl.constexpr, EXP2_POLY: gl.constexpr):
+              LAZY_RESCALE: gl.constexpr):
     """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -456,22 +428,22 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     mbarrier.arrive(kv_empty.index(slot0))
     if n_full > 0:
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
-                                           False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, EXP2_POLY, ABLATE)
+                                           False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
     else:
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
-                                           True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, EXP2_POLY, ABLATE)
+                                           True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
     # Two loops, not one with a branch: the masked one's column indices stay out of the
     # unmasked loop's registers (in one loop ptxas kept them live and spilled).
     for j in range(1, n_full):
         acc, p, m_i, l_i, alpha = _pipelined_block(
             g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
-            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE, EXP2_POLY)
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     for j in range(gl.maximum(n_full, 1), n_blocks):
         acc, p, m_i, l_i, alpha = _pipelined_block(
             g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
-            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE, EXP2_POLY)
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
     # tile's last PV and epilogue).
     mbarrier.arrive(q_empty.index(WG))
@@ -590,7 +562,7 @@ def attn_fwd_ws_kernel(
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
-    PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False, EXP2_POLY: gl.constexpr = 0,
+    PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
     batch*heads per L2 section (_tile_coords), TileCounter an int32 zero (tiles handed out
@@ -650,12 +622,12 @@ def attn_fwd_ws_kernel(
                      always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
                      CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
                      bs_strides, qk_scale, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
-                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, EXP2_POLY)),
+                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
         (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                      always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
                      CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
                      bs_strides, qk_scale, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
-                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, EXP2_POLY)),
+                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
         (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
                      q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter,
                      num_heads, seqlen_q, seqlen_k,

@@ -52,9 +52,6 @@ class WsConfig:
     # than 2^8, and a warp whose rows all kept theirs skips O *= alpha (perf-notes v19: 2-6 %
     # faster on the d=128 shapes)
     lazy_rescale: bool = True
-    # exponentials of every 8 computed by a polynomial on the FMA pipe instead of the MUFU
-    # (forward._exp2_asm, FA4's emulation; 0-4)
-    exp2_poly: int = 0
     ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
 
 
@@ -242,8 +239,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
         PINGPONG=cfg.pingpong, STORE_LSE=lse is not None,
         OUT_KIND=epilogue["OUT_KIND"], FP8_MAX=epilogue["FP8_MAX"], GROUP_SIZE=epilogue["GROUP_SIZE"],
         UE8M0=epilogue["UE8M0"], TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
-        PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale,
-        EXP2_POLY=cfg.exp2_poly)
+        PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale)
     # What Triton specializes the kernel on (the descriptors: their dtype, q's, and blocks, fixed
     # by the constexprs): pointers' dtype and 16-byte alignment, ints' == 1, % 16, 32-bit range.
     key = (dev, p.q.dtype, *constexprs.values(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers],
