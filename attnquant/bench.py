@@ -297,6 +297,8 @@ def config_ab(shapes=(), rounds=3):
             configs[f"{option.replace('_', ' ')} {'off' if on else 'on'}"] = replace(base, **{option: not on})
         # FA3's whole schedule: the warpgroups' ping-pong and the softmax under its own PV
         configs["pingpong + pv fence flipped"] = replace(base, pingpong=not base.pingpong, pv_fence=not base.pv_fence)
+        half = hopper.ws_config(d, dv, block_n=base.block_n // 2)  # (with the stages that then fit)
+        configs[f"block_n {half.block_n}, {half.num_stages} stages"] = half
         fns = [_with_config(hopper, cfg, _gluon_fp8(q, k, v, causal, scale)) for cfg in configs.values()]
         for fn in fns:  # each config's kernel compiled before the timed rounds
             fn()
