@@ -110,16 +110,24 @@ def _prefill_inputs(b, sq, sk, h, hkv, d, dv):
     return q, k, v
 
 
+def _prefill_cases(shapes=()):
+    """The PREFILL shapes whose names contain one of `shapes` (all when empty), one at a time, as
+    (name, q, k, v, causal, FP8 output scale, FLOPs) with fresh inputs."""
+    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
+        if shapes and not any(x in name for x in shapes):
+            continue
+        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+        flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
+        yield name, q, k, v, causal, torch.tensor(0.02, device="cuda"), flops
+
+
 def prefill_table():
     quant = _quant_fn()
     print("\nprefill (µs, TFLOP/s); 'gluon' = the Hopper warp-specialized kernel, 'portable' = the tl.* kernel")
     print(f"{'prefill shape':<18} {'gluon bf16':>16} {'gluon fp8':>16} {'fp8/bf16':>8} {'gluon grp fp8':>13} "
           f"{'grp/bf16':>8} {'gluon nvfp4':>11} {'fp4/bf16':>8} {'portable fp8':>16} {'SDPA bf16':>22} {'SDPA+quant':>10} {'fp8/SDPA':>8} "
           f"{'fp8/FA4':>7}")
-    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
-        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
-        scale = torch.tensor(0.02, device="cuda")
-        flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
+    for name, q, k, v, causal, scale, flops in _prefill_cases():
         tf = lambda us: flops / us * 1e-6  # noqa: E731
         cell = lambda us: f"{us:7.0f} ({tf(us):4.0f} TF)"  # noqa: E731
         outs = _gluon_format_calls(q, k, v, causal, scale)
@@ -237,11 +245,8 @@ def gluon_variants():
 
     base_config = hopper.ws_config
     print("\ngluon variants (µs, TFLOP/s; static fp8 out)")
-    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
-        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
-        scale = torch.tensor(0.02, device="cuda")
-        flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
-        base = base_config(d, dv)
+    for name, q, k, v, causal, scale, flops in _prefill_cases():
+        base = base_config(q.shape[-1], v.shape[-1])
         variants = {"default": base, "pingpong " + ("off" if base.pingpong else "on"):
                     replace(base, pingpong=not base.pingpong),
                     "persistent " + ("off" if base.persistent else "on"): replace(base, persistent=not base.persistent),
@@ -284,12 +289,8 @@ def config_ab(shapes=(), rounds=3):
     from attnquant.kernels.hopper import launch as hopper
 
     print(f"\nconfig A/B (µs; gluon, static fp8 out; median of {rounds} interleaved rounds; ratio to default)")
-    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
-        if shapes and not any(x in name for x in shapes):
-            continue
-        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
-        scale = torch.tensor(0.02, device="cuda")
-        flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
+    for name, q, k, v, causal, scale, flops in _prefill_cases(shapes):
+        d, dv = q.shape[-1], v.shape[-1]
         base = hopper.ws_config(d, dv)
         configs = {"default": base}
         for option in ("lazy_rescale", "pingpong", "pv_fence"):
@@ -330,11 +331,9 @@ def format_costs():
     print("\nformat costs (µs; gluon; median of 3 interleaved rounds)")
     print(f"{'shape':<18} {'config':<13} {'bf16':>7} {'fp8':>7} {'grp fp8':>7} {'nvfp4':>7} "
           f"{'fp8/bf16':>8} {'grp/bf16':>8} {'fp4/bf16':>8}")
-    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
-        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
-        scale = torch.tensor(0.02, device="cuda")
+    for name, q, k, v, causal, scale, _ in _prefill_cases():
         outs = _gluon_format_calls(q, k, v, causal, scale)
-        base = hopper.ws_config(d, dv)
+        base = hopper.ws_config(q.shape[-1], v.shape[-1])
         for label, cfg in (("default", base), ("pingpong " + ("off" if base.pingpong else "on"),
                                                replace(base, pingpong=not base.pingpong))):
             t = _interleaved([_with_config(hopper, cfg, fn) for fn in outs])
@@ -349,9 +348,7 @@ def spread():
     import numpy as np
 
     print("\nspread (µs per launch: min / p10 / median / p90 / max of one do_bench call)")
-    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
-        q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
-        scale = torch.tensor(0.02, device="cuda")
+    for name, q, k, v, causal, scale, _ in _prefill_cases():
         runs = {"gluon fp8": _gluon_fp8(q, k, v, causal, scale),
                 "SDPA bf16": _sdpa(q, k, v, causal)[0]}
         for _ in range(4):

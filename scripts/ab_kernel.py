@@ -11,9 +11,7 @@ keep the kernel's signature (launch.py passes the same arguments)."""
 import importlib.util
 import sys
 
-import torch
-
-from attnquant.bench import PREFILL, _gluon_fp8, _interleaved, _prefill_inputs
+from attnquant.bench import _gluon_fp8, _interleaved, _prefill_cases
 from attnquant.kernels.hopper import forward, launch
 
 path, shapes = sys.argv[1], sys.argv[2:]
@@ -37,16 +35,11 @@ def run_as(version, fn):
 
 
 print(f"kernel A/B (µs; gluon, static fp8 out; median of 5 interleaved rounds): base = {path}")
-for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
-    if shapes and not any(x in name for x in shapes):
-        continue
-    q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
-    scale = torch.tensor(0.02, device="cuda")
+for name, q, k, v, causal, scale, flops in _prefill_cases(shapes):
     fns = [run_as(version, _gluon_fp8(q, k, v, causal, scale)) for version in versions]
     outs = [fn() for fn in fns]  # (compiled before the timed rounds; outputs must agree)
     outs = [o[0] if isinstance(o, tuple) else o for o in outs]
     diff = (outs[0].float() - outs[1].float()).abs().max().item()
     t_base, t_cur = _interleaved(fns, rounds=5)
-    flops = 2 * b * h * sq * sk * (d + dv) / (2 if causal else 1)
     print(f"  {name:<18} base {t_base:7.0f} ({flops / t_base * 1e-6:4.0f} TF)  current {t_cur:7.0f} "
           f"({flops / t_cur * 1e-6:4.0f} TF)  current/base {t_cur / t_base:6.3f}  max|out diff| {diff:.3g}", flush=True)
