@@ -280,10 +280,10 @@ def _interleaved(fns, rounds=3):
     return [sorted(r[i] for r in times)[rounds // 2] for i in range(len(fns))]
 
 
-def config_ab(shapes=(), rounds=3):
+def config_ab(shapes=(), rounds=3, only=()):
     """Gluon tile-config options against the default, interleaved (static fp8 out): whether a
     change to the kernel's schedule is worth it, measured in one run. `shapes`: substrings of
-    the PREFILL names to run (all when empty)."""
+    the PREFILL names to run, `only`: of the config labels besides the default (all when empty)."""
     from dataclasses import replace
 
     from attnquant.kernels.hopper import launch as hopper
@@ -300,6 +300,12 @@ def config_ab(shapes=(), rounds=3):
         configs["pingpong + pv fence flipped"] = replace(base, pingpong=not base.pingpong, pv_fence=not base.pv_fence)
         half = hopper.ws_config(d, dv, block_n=base.block_n // 2)  # (with the stages that then fit)
         configs[f"block_n {half.block_n}, {half.num_stages} stages"] = half
+        if hopper.config_smem_bytes(d, dv, replace(base, pv_smem=True)) <= hopper.SMEM_LIMIT:
+            configs["P through smem"] = replace(base, pv_smem=True)
+            configs["P through smem + pv fence"] = replace(base, pv_smem=True, pv_fence=True)
+            configs["P through smem + pv fence + pingpong"] = replace(base, pv_smem=True, pv_fence=True, pingpong=True)
+        configs = {label: c for label, c in configs.items()
+                   if not only or label == "default" or any(x in label for x in only)}
         fns = [_with_config(hopper, cfg, _gluon_fp8(q, k, v, causal, scale)) for cfg in configs.values()]
         for fn in fns:  # each config's kernel compiled before the timed rounds
             fn()
@@ -455,6 +461,8 @@ def main(argv=None):
                     help="Gluon config options vs the default, interleaved (on the PREFILL shapes whose names "
                          "contain a SHAPE; all when none is given)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --configs")
+    ap.add_argument("--only", nargs="*", default=(), metavar="LABEL", help="--configs: the configs whose labels "
+                    "contain a LABEL (and the default)")
     ap.add_argument("--formats", action="store_true", help="each output format's cost, ping-pong off and on")
     ap.add_argument("--power", nargs="*", metavar="SHAPE:gluon|sdpa[:PAUSE]",
                     help="launch times next to the SM clock and power draw (default plan: POWER_PLAN)")
@@ -475,7 +483,7 @@ def main(argv=None):
         format_costs()
         return
     if args.configs is not None:
-        config_ab(args.configs, args.rounds)
+        config_ab(args.configs, args.rounds, args.only)
         return
     if args.power is not None:
         power_trace(args.power)
