@@ -300,10 +300,6 @@ def config_ab(shapes=(), rounds=3, only=()):
         configs["pingpong + pv fence flipped"] = replace(base, pingpong=not base.pingpong, pv_fence=not base.pv_fence)
         half = hopper.ws_config(d, dv, block_n=base.block_n // 2)  # (with the stages that then fit)
         configs[f"block_n {half.block_n}, {half.num_stages} stages"] = half
-        if hopper.config_smem_bytes(d, dv, replace(base, pv_smem=True)) <= hopper.SMEM_LIMIT:
-            configs["P through smem"] = replace(base, pv_smem=True)
-            configs["P through smem + pv fence"] = replace(base, pv_smem=True, pv_fence=True)
-            configs["P through smem + pv fence + pingpong"] = replace(base, pv_smem=True, pv_fence=True, pingpong=True)
         configs = {label: c for label, c in configs.items()
                    if not only or label == "default" or any(x in label for x in only)}
         fns = [_with_config(hopper, cfg, _gluon_fp8(q, k, v, causal, scale)) for cfg in configs.values()]

@@ -87,7 +87,7 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
              GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence,
-             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, PV_SMEM=cfg.pv_smem)
+             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale)
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
             "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",

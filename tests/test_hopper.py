@@ -164,21 +164,6 @@ def test_pingpong_option(monkeypatch, causal, dims):
 
 
 @needs_gluon
-@pytest.mark.parametrize("fence", [False, True], ids=["no_fence", "pv_fence"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_pv_smem_option(monkeypatch, causal, fence):
-    """WsConfig.pv_smem: P reaches the PV wgmma through a shared-memory buffer per consumer,
-    rewritten every block once the last PV has read it (3 CTAs, many tiles each: the buffer
-    also carries over from tile to tile), with the softmax before or under the PV."""
-    d, dtype = 128, DTYPES[0]
-    base = hopper.ws_config
-    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: replace(base(d_, dv_), pv_smem=True, pv_fence=fence))
-    _small_grid(monkeypatch, 3, 1, 700, d, d, dtype)
-    q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype)
-    _check(q, k, v, causal, torch.float8_e4m3fn)
-
-
-@needs_gluon
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
 def test_launch_cache(monkeypatch, dims):
     """After the first call of a launch key the compiled kernel is launched directly (Triton's

@@ -314,16 +314,14 @@ def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
 
 
 @gluon.jit
-def _pipelined_block(g, j, q, ks, v_smem, p_buf, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
                      q_pos, seqlen_k, diag, qk_scale, s_zero,
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                      o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
-                     PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr, PV_SMEM: gl.constexpr):
+                     PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr):
     """One step of the consumer loop, key block j of the tile (g of the CTA): S_j = Q K_j^T
     and O += P_{j-1} V_{j-1} in flight together, the softmax of S_j under the PV.
-    PV_SMEM: P goes to the PV wgmma through shared memory (p_buf) instead of registers (FA3's
-    Mma1_is_RS off), stored after the block's PV has read the last one.
     ABLATE == 2 (a measurement variant, wrong results) leaves the PV wgmma out."""
     slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
@@ -333,14 +331,9 @@ def _pipelined_block(g, j, q, ks, v_smem, p_buf, k_ready, v_ready, kv_empty, alw
     # O's rescale by the last block's alpha runs while S_j is on the tensor cores (FA3's order)
     mbarrier.wait(v_ready.index(slot), ((g - 1) // NUM_STAGES) & 1)
     acc = _rescale_o(acc, alpha, LAZY_RESCALE)
-    if PV_SMEM:
-        p_op = p  # (in p_buf already; p itself is a placeholder here)
-        if ABLATE != 2:
-            o_tok = warpgroup_mma(p_buf, v_smem.index(slot), acc, is_async=True)
-    else:
-        p_op = gl.convert_layout(p, p_layout)
-        if ABLATE != 2:
-            o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
+    p_op = gl.convert_layout(p, p_layout)
+    if ABLATE != 2:
+        o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
     if PINGPONG:
         _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
     # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
@@ -358,22 +351,19 @@ def _pipelined_block(g, j, q, ks, v_smem, p_buf, k_ready, v_ready, kv_empty, alw
         mbarrier.wait(always_done, 0)
     if ABLATE != 2:
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-    if PV_SMEM:  # PV_{j-1} has read p_buf: P_j replaces it (the fence: visible to the next wgmma)
-        p_buf.store(p)
-        fence_async_shared()
     mbarrier.arrive(kv_empty.index(slot))  # K_g and V_{g-1} consumed
     return acc, p, m_i, l_i, alpha
 
 
 @gluon.jit
-def _consumer(qs, ks, v_smem, p_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
+def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
               o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
               out_strides, lse_strides, bs_strides, qk_scale,
               WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_STAGES: gl.constexpr,
               VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
               OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
               TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-              LAZY_RESCALE: gl.constexpr, PV_SMEM: gl.constexpr):
+              LAZY_RESCALE: gl.constexpr):
     """One warpgroup: rows WG*64 .. +64 of each tile the producer publishes."""
     pid, nprog, num_tiles, num_m, num_bh, section = sched
     g = 0  # key blocks consumed so far (the producer's ring counter)
@@ -385,11 +375,11 @@ def _consumer(qs, ks, v_smem, p_smem, q_bar, q_empty, k_ready, v_ready, kv_empty
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
             pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
-        _consumer_tile(qs, ks, v_smem, p_smem.index(WG), q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
+        _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
                        Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq, sk, n_blocks, n_full, g, i,
                        out_strides, lse_strides, bs_strides, qk_scale,
                        WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, PV_SMEM)
+                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)
         g += n_blocks
         i += 1
         tile = _read_tile(tile_ids, tile_full, tile_empty, i)
@@ -400,14 +390,14 @@ def _consumer(qs, ks, v_smem, p_smem, q_bar, q_empty, k_ready, v_ready, kv_empty
 
 
 @gluon.jit
-def _consumer_tile(qs, ks, v_smem, p_buf, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
+def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
                    Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, q_pos0, seqlen_q, seqlen_k, n_blocks, n_full,
                    g0, tile_idx, out_strides, lse_strides, bs_strides, qk_scale,
                    WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
                    NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
                    OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
                    TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-              LAZY_RESCALE: gl.constexpr, PV_SMEM: gl.constexpr):
+              LAZY_RESCALE: gl.constexpr):
     """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -442,32 +432,26 @@ def _consumer_tile(qs, ks, v_smem, p_buf, q_bar, q_empty, k_ready, v_ready, kv_e
     else:
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
                                            True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
-    if PV_SMEM:  # (the last tile's final PV, which read p_buf, was waited for)
-        p_buf.store(p)
-        fence_async_shared()
     # Two loops, not one with a branch: the masked one's column indices stay out of the
     # unmasked loop's registers (in one loop ptxas kept them live and spilled).
     for j in range(1, n_full):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            g0 + j, j, q, ks, v_smem, p_buf, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
-            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE, PV_SMEM)
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     for j in range(gl.maximum(n_full, 1), n_blocks):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            g0 + j, j, q, ks, v_smem, p_buf, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
             q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
-            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE, PV_SMEM)
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
     # tile's last PV and epilogue).
     mbarrier.arrive(q_empty.index(WG))
     g_last = g0 + n_blocks - 1  # V_{g_last} is in slot g_last + 1, released by the next tile's first block
     mbarrier.wait(v_ready.index((g_last + 1) % NUM_STAGES), (g_last // NUM_STAGES) & 1)
     acc = _rescale_o(acc, alpha, LAZY_RESCALE)
-    if PV_SMEM:
-        o_tok = warpgroup_mma(p_buf, v_smem.index((g_last + 1) % NUM_STAGES), acc, is_async=True)
-    else:
-        o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index((g_last + 1) % NUM_STAGES), acc,
-                              is_async=True)
+    o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index((g_last + 1) % NUM_STAGES), acc,
+                          is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok,))
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf ----------------------
@@ -578,7 +562,7 @@ def attn_fwd_ws_kernel(
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
-    PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False, PV_SMEM: gl.constexpr = False,
+    PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
     batch*heads per L2 section (_tile_coords), TileCounter an int32 zero (tiles handed out
@@ -599,11 +583,6 @@ def attn_fwd_ws_kernel(
         qb_smem = q_smem
         kb_smem = k_smem
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    if PV_SMEM:  # each consumer's P, the A operand of its PV wgmma
-        p_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_CONSUMERS, WG_ROWS, BLOCK_N],
-                                           gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16))
-    else:  # unused
-        p_smem = v_smem
     if TMA_STORE:  # one output tile per consumer warpgroup, staged for its TMA store
         o_smem = gl.allocate_shared_memory(o_desc.dtype, [NUM_CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
     else:  # unused
@@ -639,16 +618,16 @@ def attn_fwd_ws_kernel(
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     gl.warp_specialize([
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, p_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                      always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
                      CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
                      bs_strides, qk_scale, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
-                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, PV_SMEM)),
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, p_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                      always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
                      CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
                      bs_strides, qk_scale, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
-                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, PV_SMEM)),
+                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
         (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
                      q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter,
                      num_heads, seqlen_q, seqlen_k,

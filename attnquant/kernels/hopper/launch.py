@@ -52,9 +52,6 @@ class WsConfig:
     # than 2^8, and a warp whose rows all kept theirs skips O *= alpha (perf-notes v19: 2-6 %
     # faster on the d=128 shapes)
     lazy_rescale: bool = True
-    # P to the PV wgmma through shared memory (64 x block_n per consumer) instead of registers
-    # (perf-notes v22); needs the room (_smem_bytes)
-    pv_smem: bool = False
     ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
 
 
@@ -74,15 +71,9 @@ def _smem_bytes(d, dv, block_n, stages, elem=2):
     return elem * (BLOCK_M * d + stages * block_n * (d + dv))
 
 
-def config_smem_bytes(d: int, dv: int, cfg: WsConfig) -> int:
-    """Q, the K/V ring and (pv_smem) the consumers' P buffers: what a config needs before the
-    output staging tile."""
-    return _smem_bytes(d, dv, cfg.block_n, cfg.num_stages) + (BLOCK_M * cfg.block_n * 2 if cfg.pv_smem else 0)
-
-
 def staging_fits(d: int, dv: int, cfg: WsConfig, out_elem_bytes: int) -> bool:
     """Room for the TMA-store epilogue's BLOCK_M x Dv output tile next to Q and the K/V ring."""
-    return config_smem_bytes(d, dv, cfg) + BLOCK_M * dv * out_elem_bytes <= SMEM_MAX
+    return _smem_bytes(d, dv, cfg.block_n, cfg.num_stages) + BLOCK_M * dv * out_elem_bytes <= SMEM_MAX
 
 
 def tma_store_applies(p, cfg: WsConfig, out: torch.Tensor) -> bool:
@@ -173,7 +164,7 @@ def unsupported_reason(p, causal: bool, window, softcap: float, num_splits: int,
     if not head_dims_supported(p.head_dim, dv):
         return f"head dims {p.head_dim}/{dv} are not supported (need D = 2^a [+ 2^b] >= 32, Dv = 2^c, <= 256)"
     cfg = ws_config(p.head_dim, dv)
-    if config_smem_bytes(p.head_dim, dv, cfg) > SMEM_LIMIT:
+    if _smem_bytes(p.head_dim, dv, cfg.block_n, cfg.num_stages) > SMEM_LIMIT:
         return "the tiles do not fit in shared memory"
     for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
         if not _views_ok(t, p.varlen):
@@ -248,8 +239,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
         PINGPONG=cfg.pingpong, STORE_LSE=lse is not None,
         OUT_KIND=epilogue["OUT_KIND"], FP8_MAX=epilogue["FP8_MAX"], GROUP_SIZE=epilogue["GROUP_SIZE"],
         UE8M0=epilogue["UE8M0"], TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
-        PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale,
-        PV_SMEM=cfg.pv_smem)
+        PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale)
     # What Triton specializes the kernel on (the descriptors: their dtype, q's, and blocks, fixed
     # by the constexprs): pointers' dtype and 16-byte alignment, ints' == 1, % 16, 32-bit range.
     key = (dev, p.q.dtype, *constexprs.values(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers],
