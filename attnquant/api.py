@@ -304,15 +304,18 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
     lse = torch.empty(p.lse_shape, dtype=torch.float32, device=p.q.device) if return_lse else None
     if p.batch == 0 or p.max_seqlen_q == 0 or p.num_heads == 0 or out.numel() == 0:
         return out, lse
-    # Under torch.compile the call goes through the registered op; eagerly the op's
-    # dispatcher would add ~150 us of host time per call, so the function is called directly.
-    run = torch.ops.attnquant.fwd if torch.compiler.is_compiling() else _fwd
-    run(p.q, p.k, p.v, out, lse, fmt.scale, fmt.block_scale, p.block_table, p.cu_seqlens_q, p.cu_seqlens_k,
-        p.seqused_k, p.max_seqlen_q, p.max_seqlen_k, num_splits, left, right,
-        p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale), float(softcap),
-        [0, 0, 0, 0, 0, 1] if cfg is None else  # (Gluon picks its tiles; _fwd plans a fallback if needed)
-        [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr), int(use_gluon)],
-        [fmt.group_size, int(fmt.ue8m0), *fmt.block_scale_strides])
+    scale = p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    tile = ([0, 0, 0, 0, 0, 1] if cfg is None else  # (Gluon picks its tiles; _run plans a fallback if needed)
+            [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr), int(use_gluon)])
+    # Under torch.compile the call goes through the registered op (which rebuilds the problem
+    # from its tensor arguments); eagerly the op's dispatcher would add ~150 us of host time
+    # per call, so the planned problem goes straight to _run.
+    if torch.compiler.is_compiling():
+        torch.ops.attnquant.fwd(p.q, p.k, p.v, out, lse, fmt.scale, fmt.block_scale, p.block_table, p.cu_seqlens_q,
+                                p.cu_seqlens_k, p.seqused_k, p.max_seqlen_q, p.max_seqlen_k, num_splits, left, right,
+                                scale, float(softcap), tile, [fmt.group_size, int(fmt.ue8m0), *fmt.block_scale_strides])
+    else:
+        _run(p, fmt, out, lse, num_splits, left, right, scale, float(softcap), tile)
     return out, lse
 
 
@@ -336,20 +339,26 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, l
          max_seqlen_k: int, num_splits: int, window_left: int, window_right: int, softmax_scale: float,
          softcap: float, tile: List[int], group: List[int]) -> None:
     """The forward as a torch op (torch.compile sees one opaque call that writes out, lse and
-    the per-group scales). tile: (block_m, block_n, warps, stages, block_ptr, gluon); group:
-    (G, ue8m0, block-scale strides per batch, token, head, group)."""
+    the per-group scales): the problem and the format rebuilt from tensor / int arguments,
+    then _run. group: (G, ue8m0, block-scale strides per batch, token, head, group)."""
     p = _make_problem(q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
     fmt = _format_from_op_args(out, output_scale, output_block_scale, group)
+    _run(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, tile)
+
+
+def _run(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, lse: Optional[torch.Tensor], num_splits: int,
+         window_left: int, window_right: int, softmax_scale: float, softcap: float, tile: List[int]) -> None:
+    """Launch the planned forward. tile: (block_m, block_n, warps, stages, block_ptr, gluon)."""
     out = _nvfp4_prologue(fmt, out, p.num_tokens, p.num_heads, p.head_dim_v)
     # The Hopper fast path: host planning checked that it applies, except (under torch.compile)
     # the pointers' alignment, known only here.
-    if tile[5] and hopper.aligned_for_tma(q, k, v):
+    if tile[5] and hopper.aligned_for_tma(p.q, p.k, p.v):
         args = (p, fmt, out, lse, window_right == 0, softmax_scale, _epilogue_constexprs(fmt),
                 _token_strides(out, p.varlen), _lse_strides(lse, p.varlen) if lse is not None else (0, 0, 0))
-        if q.device.index == torch.cuda.current_device():  # (entering torch.cuda.device costs host time)
+        if p.q.device.index == torch.cuda.current_device():  # (entering torch.cuda.device costs host time)
             hopper.launch(*args)
         else:
-            with torch.cuda.device(q.device):
+            with torch.cuda.device(p.q.device):
                 hopper.launch(*args)
         return
     if tile[0]:
