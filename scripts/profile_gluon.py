@@ -14,20 +14,19 @@ from dataclasses import replace
 import torch
 
 import attnquant as aq
-from attnquant.bench import PREFILL, _prefill_inputs
+from attnquant.bench import _prefill_cases
 from attnquant.kernels.hopper import launch as hopper
 
 name = sys.argv[1] if len(sys.argv) > 1 else "noncausal_mha_8k"
 ablate = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 out_format = sys.argv[3] if len(sys.argv) > 3 else "fp8"
-_, b, sq, sk, h, hkv, d, dv, causal = next(s for s in PREFILL if s[0] == name)
-q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+_, q, k, v, causal, scale, _ = next(c for c in _prefill_cases([name]) if c[0] == name)
+(b, sq, h, d), dv = q.shape, v.shape[-1]
 options = dict(arg.split("=") for arg in sys.argv[4:])
 if ablate or options:
     base = hopper.ws_config(d, dv)
-    cfg = replace(base, ablate=ablate, **{k: type(getattr(base, k))(int(x)) for k, x in options.items()})
+    cfg = replace(base, ablate=ablate, **{field: type(getattr(base, field))(int(x)) for field, x in options.items()})
     hopper.ws_config = lambda d_, dv_: cfg
-scale = torch.tensor(0.02, device="cuda")
 fmt = {"fp8": dict(output_scale=scale), "bf16": {},
        "nvfp4": dict(out_dtype="nvfp4", output_scale=scale,
                      output_block_scale=torch.empty(aq.quant.nvfp4_scale_shape(b * sq, h, dv),
