@@ -2,44 +2,66 @@
 (the card drifts by a few % between runs, so two separate benchmark runs cannot show a 2 % change):
 
     git show REV:attnquant/kernels/hopper/forward.py > scratch/forward_base.py   # (ignored: pass carry=["scratch"] to the device tool)
-    python3 scripts/ab_kernel.py scratch/forward_base.py [SHAPE ...]
+    python3 scripts/ab_kernel.py scratch/forward_base.py [scratch/other.py ...] [SHAPE ...]
+    python3 scripts/ab_kernel.py scratch/forward_base.py scratch/forward_base.py:pingpong=1 current:pingpong=1
 
 Times static-FP8 output on the PREFILL shapes whose names contain a SHAPE (all by default),
-base and current in turn over 5 rounds; prints medians and current / base. The base file must
-keep the kernel's signature (launch.py passes the same arguments)."""
+the versions in turn over 5 rounds (the first is the base; the working tree's kernel is
+"current", always timed); prints medians and each version / base. A version may name WsConfig
+options to run with (`:option=N[:...]`). The files must keep the kernel's signature (launch.py
+passes the same arguments)."""
 
 import importlib.util
 import sys
+from dataclasses import replace
 
 from attnquant.bench import _gluon_fp8, _interleaved, _prefill_cases
 from attnquant.kernels.hopper import forward, launch
 
-path, shapes = sys.argv[1], sys.argv[2:]
-spec = importlib.util.spec_from_file_location("attnquant.kernels.hopper._ab_base", path)
-base_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(base_module)
+specs = [a for a in sys.argv[1:] if ".py" in a or a.startswith("current:")]
+shapes = [a for a in sys.argv[1:] if a not in specs]
+
+
+def load(path, i):
+    if path == "current":
+        return forward.attn_fwd_ws_kernel
+    spec = importlib.util.spec_from_file_location(f"attnquant.kernels.hopper._ab_{i}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.attn_fwd_ws_kernel
+
+
+def options(spec):
+    return {k: int(v) for k, v in (o.split("=") for o in spec.split(":")[1:])}
+
+
 # each version with its own launch cache (launch._COMPILED is keyed on the config, not the kernel)
-versions = {"base": (base_module.attn_fwd_ws_kernel, {}), "current": (forward.attn_fwd_ws_kernel, {})}
+versions = {("base" if i == 0 else spec.rsplit("/", 1)[-1].replace(".py", "")):
+            (load(spec.split(":")[0], i), {}, options(spec)) for i, spec in enumerate(specs)}
+versions.setdefault("current", (forward.attn_fwd_ws_kernel, {}, {}))
 
 
 def run_as(version, fn):
     def run():
-        kernel, compiled = versions[version]
-        saved = forward.attn_fwd_ws_kernel, launch._COMPILED
+        kernel, compiled, opts = versions[version]
+        saved = forward.attn_fwd_ws_kernel, launch._COMPILED, launch.ws_config, launch.SMEM_LIMIT
         forward.attn_fwd_ws_kernel, launch._COMPILED = kernel, compiled
+        launch.ws_config = lambda d, dv: replace(saved[2](d, dv), **opts)
+        if "num_stages" in opts:  # a stage count of one's own may use shared memory up to the card's maximum
+            launch.SMEM_LIMIT = launch.SMEM_MAX
         try:
             return fn()
         finally:
-            forward.attn_fwd_ws_kernel, launch._COMPILED = saved
+            forward.attn_fwd_ws_kernel, launch._COMPILED, launch.ws_config, launch.SMEM_LIMIT = saved
     return run
 
 
-print(f"kernel A/B (µs; gluon, static fp8 out; median of 5 interleaved rounds): base = {path}")
+print(f"kernel A/B (µs; gluon, static fp8 out; median of 5 interleaved rounds): base = {specs[0]}")
 for name, q, k, v, causal, scale, flops in _prefill_cases(shapes):
     fns = [run_as(version, _gluon_fp8(q, k, v, causal, scale)) for version in versions]
     outs = [fn() for fn in fns]  # (compiled before the timed rounds; outputs must agree)
-    outs = [o[0] if isinstance(o, tuple) else o for o in outs]
-    diff = (outs[0].float() - outs[1].float()).abs().max().item()
-    t_base, t_cur = _interleaved(fns, rounds=5)
-    print(f"  {name:<18} base {t_base:7.0f} ({flops / t_base * 1e-6:4.0f} TF)  current {t_cur:7.0f} "
-          f"({flops / t_cur * 1e-6:4.0f} TF)  current/base {t_cur / t_base:6.3f}  max|out diff| {diff:.3g}", flush=True)
+    outs = [(o[0] if isinstance(o, tuple) else o).float() for o in outs]
+    diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
+    times = _interleaved(fns, rounds=5)
+    print(f"  {name:<18} " + "  ".join(f"{version} {t:6.0f} ({flops / t * 1e-6:3.0f} TF, {t / times[0]:5.3f})"
+                                      for version, t in zip(versions, times)) + f"  max|out diff| {diff:.3g}", flush=True)
