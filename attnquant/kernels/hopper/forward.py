@@ -25,8 +25,8 @@ by more than 2^8, and a warp whose rows all kept theirs skips the rescale. Acros
 ping-pong (PINGPONG) orders their wgmma issue so that one warpgroup's softmax
 overlaps the other's GEMMs. Registers move from the producer (24) to the consumers.
 
-A tile walks its last key block first, then the others from 0 up (_key_block); blocks from
-`n_full` on get the causal / sequence-end mask, the others none. Scores are in the log2 domain (softmax_scale * log2 e folded
+Keys are walked low to high; blocks from `n_full` on get the causal / sequence-end
+mask, the others none. Scores are in the log2 domain (softmax_scale * log2 e folded
 into one multiply-add before exp2). The epilogue writes the same formats with the
 same arithmetic as the portable kernel's (kernels/epilogue.py).
 """
@@ -156,15 +156,6 @@ def _tile_extent(pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlens
 
 
 @gluon.jit
-def _key_block(jj, n_blocks):
-    """The key block a tile's step jj walks: the last one first (the causal diagonal, or the
-    ragged end of the keys: the masked block, which the peeled first step takes), then the
-    others from 0 up. (Experiment, rejected in perf-notes v24: without PINGPONG the two
-    consumer warpgroups then fall into lock-step.)"""
-    return gl.where(jj == 0, n_blocks - 1, jj - 1)
-
-
-@gluon.jit
 def _load_split(desc_a, desc_b, row, col, bar, smem_a, smem_b, DA: gl.constexpr, DB: gl.constexpr):
     """TMA of a [rows, DA + DB] tile into smem_a (columns col ..) and, when DB > 0, smem_b
     (col + DA ..); `bar` completes when all of it has landed."""
@@ -186,8 +177,7 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
     counter each time it has issued a tile's loads: dynamic, longest first) and publishes
     them to the consumers. Per tile: Q once (when the consumers have released the last
     tile's), then K_g into ring slot g % NUM_STAGES and V_g into slot (g + 1) % NUM_STAGES
-    as slots free up, g counting key blocks over all of this CTA's tiles (a tile's key blocks in
-    _key_block's order). Head dims that are not a power
+    as slots free up, g counting key blocks over all of this CTA's tiles. Head dims that are not a power
     of two come as two column tiles (192 = 128 + 64)."""
     q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
     q_smem, qb_smem = qs
@@ -219,13 +209,12 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                 gj = g + j
                 slot = gj % NUM_STAGES
                 mbarrier.wait(kv_empty.index(slot), ((gj // NUM_STAGES) & 1) ^ 1)  # K_{g-S} released
-                kv_row = k_row + _key_block(j, n_blocks) * BLOCK_N
-                _load_split(k_desc, kb_desc, kv_row, kv_col, k_ready.index(slot), k_smem.index(slot),
+                _load_split(k_desc, kb_desc, k_row + j * BLOCK_N, kv_col, k_ready.index(slot), k_smem.index(slot),
                             kb_smem.index(slot), DA, DB)
                 v_slot = (gj + 1) % NUM_STAGES
                 mbarrier.wait(kv_empty.index(v_slot), (((gj + 1) // NUM_STAGES) & 1) ^ 1)  # V_{g-S} released
                 mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [kv_row, v_col], v_ready.index(v_slot),
+                tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(v_slot),
                                                 v_smem.index(v_slot))
             g += n_blocks
             i += 1
@@ -234,7 +223,7 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, j, key_limit, qk_scale,
+def _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
                   MASKED: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, s_layout: gl.constexpr,
                   p_dtype: gl.constexpr, LAZY_RESCALE: gl.constexpr, ABLATE: gl.constexpr = 0):
     """Online softmax of score block j: returns (p, m_new, l_new, alpha) with
@@ -247,11 +236,11 @@ def _softmax_step(s, m_i, l_i, j, key_limit, qk_scale,
     if ABLATE == 1:
         return s.to(p_dtype), m_i, l_i, l_i + 1.0
     if MASKED:  # the causal diagonal or the ragged end of the keys
-        # one compare per element, against each row's key limit (two compares and a combine per
-        # element before: 106 ISETP + 132 FSEL in SASS). The key indices depend on j: an arange
-        # alone is loop-invariant, gets hoisted, and its 32 registers spilled in the masked loop.
         keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s = _mask_keys(s, keys[None, :], key_limit[:, None])
+        ok = (keys < seqlen_k)[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= (q_pos + diag)[:, None])
+        s = gl.where(ok, s, float("-inf"))
     m_blk = _row_max(s) * qk_scale
     if LAZY_RESCALE:
         m_new = gl.where(m_blk > m_i + RESCALE_LOG2, m_blk, m_i)
@@ -262,16 +251,6 @@ def _softmax_step(s, m_i, l_i, j, key_limit, qk_scale,
     alpha = gl.exp2(m_i - m_use)
     l_new = l_i * alpha + gl.sum(p, 1)
     return _pack_16bit(p, p_dtype), m_new, l_new, alpha
-
-
-@gluon.jit
-def _mask_keys(s, keys, limit):
-    """gl.where(keys < limit, s, -inf), one compare and one select per element: written as
-    gl.where, LLVM turns the block's 64 compares into shifts of a 64-bit bit mask (SASS:
-    100 LOP3 + 48 SEL + 31 SHF + 64 ISETP + 68 FSEL)."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .pred p;\n setp.lt.s32 p, $1, $2;\n selp.f32 $0, $3, 0fFF800000, p; }",
-        "=r,r,r,r", [keys, limit, s], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -336,7 +315,7 @@ def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
 
 @gluon.jit
 def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
-                     key_limit, qk_scale, s_zero,
+                     q_pos, seqlen_k, diag, qk_scale, s_zero,
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
                      o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
@@ -362,7 +341,7 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_don
     # once issued, the softmax below reuses its registers, and ptxas has to wait for the
     # PV before the softmax (seen in SASS).
     s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
-    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, key_limit, qk_scale,
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
                                        MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, LAZY_RESCALE, ABLATE)
     # PV_FENCE: an mbarrier wait that passes at once (its barrier never re-arms) ends the
     # basic block here. Without it ptxas hoists the PV wait below above the softmax (SASS:
@@ -427,11 +406,8 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     dtype: gl.constexpr = v_smem.dtype
 
-    # the keys each row sees: [0, key_limit) (causal: up to its diagonal, bottom-right aligned)
-    key_limit = gl.full([WG_ROWS], seqlen_k, gl.int32, gl.SliceLayout(1, s_layout))
-    if CAUSAL:
-        q_pos = q_pos0 + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
-        key_limit = gl.minimum(q_pos + (seqlen_k - seqlen_q) + 1, key_limit)
+    q_pos = q_pos0 + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
+    diag = seqlen_k - seqlen_q
     q = (qs[0].index(WG), qs[1].index(WG))
     s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
     m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -450,29 +426,23 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     # K_g0, and V_{g0-1} in the same slot: the previous tile's last block, whose PV is done
     mbarrier.arrive(kv_empty.index(slot0))
-    # The last key block comes first (_key_block): where a tile has one masked block (every
-    # causal tile when BLOCK_M == BLOCK_N), the peeled block 0 takes the mask and the masked
-    # loop never runs: fewer instructions run once per tile, and fewer instruction-cache misses
-    # in them (ncu: `no_inst` stalls in the masked block and the epilogue).
-    top = n_blocks - 1
-    if n_full < n_blocks:
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, top, key_limit, qk_scale,
-                                           True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
-    else:
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, top, key_limit, qk_scale,
+    if n_full > 0:
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
                                            False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
+    else:
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+                                           True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
     # Two loops, not one with a branch: the masked one's column indices stay out of the
-    # unmasked loop's registers (in one loop ptxas kept them live and spilled). Step jj >= 1
-    # walks key block jj - 1.
-    for jj in range(1, gl.minimum(n_full + 1, n_blocks)):
+    # unmasked loop's registers (in one loop ptxas kept them live and spilled).
+    for j in range(1, n_full):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            g0 + jj, jj - 1, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
-            key_limit, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+            q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
             s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
-    for jj in range(n_full + 1, n_blocks):
+    for j in range(gl.maximum(n_full, 1), n_blocks):
         acc, p, m_i, l_i, alpha = _pipelined_block(
-            g0 + jj, jj - 1, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
-            key_limit, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+            q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
             s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
     # tile's last PV and epilogue).
