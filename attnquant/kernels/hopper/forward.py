@@ -21,9 +21,12 @@ Inside a consumer the loop is software-pipelined the FA3 way: the QK^T wgmma of 
 j is issued first, O's rescale for block j-1 runs under it, then the PV wgmma of block
 j-1, and the softmax of block j runs while that PV is still on the tensor cores. O's
 rescale is FA4's conditional one: the running max moves only when a block's exceeds it
-by more than 2^8, and a warp whose rows all kept theirs skips the rescale. Across the two consumers a named-barrier
-ping-pong (PINGPONG) orders their wgmma issue so that one warpgroup's softmax
-overlaps the other's GEMMs. Registers move from the producer (24) to the consumers.
+by more than 2^8, and a warp whose rows all kept theirs skips the rescale. Across the two
+consumers a named-barrier ping-pong (PINGPONG, off by default) makes them take turns issuing
+their QK^T, so that the two are never in lock-step (perf-notes v24: a change elsewhere can
+leave the free-running warpgroups in lock-step, their softmaxes contending for the MUFU and
+their GEMMs queued together, 10-14 % slower). Registers move from the producer (24) to the
+consumers.
 
 Keys are walked low to high; blocks from `n_full` on get the causal / sequence-end
 mask, the others none. Scores are in the log2 domain (softmax_scale * log2 e folded
@@ -325,17 +328,18 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_don
     ABLATE == 2 (a measurement variant, wrong results) leaves the PV wgmma out."""
     slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
-    if PINGPONG:  # my turn: the other warpgroup has issued its GEMMs of its last block
+    if PINGPONG:  # my turn: the other warpgroup has issued the QK^T of its last block
         _named_barrier(PINGPONG_BARRIER0 + WG, False)
     s_tok = _issue_qk(q, ks, slot, s_zero, DB)
+    if PINGPONG:  # the turn holds the QK^T issue only (FA3's also holds the V wait, O's rescale and
+        # the PV issue: 1-3 % slower at d=128 in two interleaved runs, perf-notes v24)
+        _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
     # O's rescale by the last block's alpha runs while S_j is on the tensor cores (FA3's order)
     mbarrier.wait(v_ready.index(slot), ((g - 1) // NUM_STAGES) & 1)
     acc = _rescale_o(acc, alpha, LAZY_RESCALE)
     p_op = gl.convert_layout(p, p_layout)
     if ABLATE != 2:
         o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
-    if PINGPONG:
-        _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
     # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
     # through both waits as a dependency: otherwise it is dead to the register allocator
     # once issued, the softmax below reuses its registers, and ptxas has to wait for the

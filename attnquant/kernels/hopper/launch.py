@@ -58,8 +58,8 @@ class WsConfig:
 @functools.lru_cache(maxsize=None)
 def ws_config(head_dim: int, head_dim_v: int, block_n: Optional[int] = None) -> WsConfig:
     """128-key blocks (64 past head dim 192; `block_n` overrides, for measurements), as many
-    K/V stages as shared memory allows (2-4); no consumer ping-pong (within noise at d=128,
-    slower at d=192: perf-notes v11)."""
+    K/V stages as shared memory allows (2-4); no consumer ping-pong (within noise of the
+    free-running warpgroups on the benchmark shapes: perf-notes v11, v24)."""
     block_n = block_n or (128 if max(head_dim, head_dim_v) <= 192 else 64)
     for stages in (4, 3, 2):
         if _smem_bytes(head_dim, head_dim_v, block_n, stages) <= SMEM_LIMIT:
