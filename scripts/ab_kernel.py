@@ -15,7 +15,7 @@ import importlib.util
 import sys
 from dataclasses import replace
 
-from attnquant.bench import _gluon_fp8, _interleaved, _prefill_cases
+from attnquant.bench import _gluon_fp8, _interleaved, _prefill_cases, _with_config
 from attnquant.kernels.hopper import forward, launch
 
 specs = [a for a in sys.argv[1:] if ".py" in a or a.startswith("current:")]
@@ -41,24 +41,26 @@ versions = {("base" if i == 0 else spec.rsplit("/", 1)[-1].replace(".py", "")):
 versions.setdefault("current", (forward.attn_fwd_ws_kernel, {}, {}))
 
 
-def run_as(version, fn):
+def run_as(version, fn, d, dv):
+    """fn with this version's kernel, launch cache and config options (bench._with_config)."""
+    kernel, compiled, opts = versions[version]
+    configured = _with_config(launch, replace(launch.ws_config(d, dv), **opts), fn)
+
     def run():
-        kernel, compiled, opts = versions[version]
-        saved = forward.attn_fwd_ws_kernel, launch._COMPILED, launch.ws_config, launch.SMEM_LIMIT
+        saved = forward.attn_fwd_ws_kernel, launch._COMPILED, launch.SMEM_LIMIT
         forward.attn_fwd_ws_kernel, launch._COMPILED = kernel, compiled
-        launch.ws_config = lambda d, dv: replace(saved[2](d, dv), **opts)
         if "num_stages" in opts:  # a stage count of one's own may use shared memory up to the card's maximum
             launch.SMEM_LIMIT = launch.SMEM_MAX
         try:
-            return fn()
+            return configured()
         finally:
-            forward.attn_fwd_ws_kernel, launch._COMPILED, launch.ws_config, launch.SMEM_LIMIT = saved
+            forward.attn_fwd_ws_kernel, launch._COMPILED, launch.SMEM_LIMIT = saved
     return run
 
 
 print(f"kernel A/B (µs; gluon, static fp8 out; median of 5 interleaved rounds): base = {specs[0]}")
 for name, q, k, v, causal, scale, flops in _prefill_cases(shapes):
-    fns = [run_as(version, _gluon_fp8(q, k, v, causal, scale)) for version in versions]
+    fns = [run_as(version, _gluon_fp8(q, k, v, causal, scale), q.shape[-1], v.shape[-1]) for version in versions]
     outs = [fn() for fn in fns]  # (compiled before the timed rounds; outputs must agree)
     outs = [(o[0] if isinstance(o, tuple) else o).float() for o in outs]
     diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
