@@ -23,7 +23,7 @@ from attnquant.kernels.combine import combine_kernel
 from attnquant.kernels.forward import attn_fwd_kernel
 from attnquant.kernels.hopper.forward import attn_fwd_ws_kernel
 from attnquant.kernels.config import split_head_dim
-from attnquant.kernels.hopper.launch import key_pieces, staging_fits, ws_config
+from attnquant.kernels.hopper.launch import staging_fits, ws_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -65,16 +65,15 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
-                  pingpong=None, tma_store=True, lazy_rescale=None, block_n=None):
+                  pingpong=None, tma_store=True, lazy_rescale=None):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
     as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
     staging buffer fits, as in launch.tma_store_applies)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = ws_config(d, dv, block_n)
+    cfg = ws_config(d, dv)
     da, db = split_head_dim(d)
-    n1, n2 = key_pieces(cfg, db)
 
     def desc(rows, cols, dtype="bf16"):
         gl_dtype = {"bf16": gl.bfloat16, "fp8e4nv": gl.float8e4nv, "fp8e5": gl.float8e5}[dtype]
@@ -84,14 +83,14 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
     out_bytes = 2 if out in ("*bf16", "*fp16") else 1
     tma_store = tma_store and kind != 3 and staging_fits(d, dv, cfg, out_bytes)  # NVFP4: register stores
 
-    c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, BLOCK_N2=n2, NUM_STAGES=cfg.num_stages, VARLEN=varlen,
+    c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=varlen,
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
              GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence,
              LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale)
-    ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(n1, da),
-            "kb_desc": desc(n1, db or da), "v_desc": desc(n1, dv), "k2_desc": desc(n2 or n1, da),
-            "v2_desc": desc(n2 or n1, dv), "o_desc": desc(64, dv, out[1:]) if tma_store else desc(n1, dv), "Out": out, "Lse": "*fp32",
+    ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
+            "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
+            "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": "*fp8e4nv" if kind == 3 else "*fp32", "CuSeqlensQ": "*i32",
             "CuSeqlensK": "*i32", "TileCounter": "*i32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
@@ -126,7 +125,6 @@ VARIANTS = {
     "gluon d128 gqa ping-pong, bf16 register stores, every O rescale": gluon_variant(
         out="*bf16", kind=0, group=4, pingpong=True, tma_store=False, lazy_rescale=False),
     "gluon d32 mha, bf16 out (16-value rescale blocks)": gluon_variant(out="*bf16", kind=0, d=32, dv=32),
-    "gluon d128 non-causal, 160-key blocks (128 + 32), fp8 out": gluon_variant(causal=False, block_n=160),
 }
 
 

@@ -164,37 +164,6 @@ def test_pingpong_option(monkeypatch, causal, dims):
 
 
 @needs_gluon
-@pytest.mark.parametrize("pingpong", [False, True], ids=["free", "pingpong"])
-@pytest.mark.parametrize("block_n,dims", [(160, (128, 128)), (144, (64, 64)), (192, (64, 128))], ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-def test_split_key_blocks(monkeypatch, causal, block_n, dims, pingpong):
-    """Key blocks that are not a power of two (WsConfig.block_n = 128 + 2^b): each block's last
-    2^b keys in their own TMA boxes, wgmma accumulator and PV wgmma. Sk = 700 and 1000 end in a
-    partial block (700 = 4 x 160 + 60: the second piece wholly past the end, 1000 = 6 x 144 +
-    136: cut inside it), causal rows cross piece boundaries, the ring wraps on 3 CTAs."""
-    (d, dv), dtype = dims, DTYPES[0]
-    base = hopper.ws_config
-    monkeypatch.setattr(hopper, "ws_config",
-                        lambda d_, dv_: replace(base(d_, dv_, block_n), pingpong=pingpong))
-    _small_grid(monkeypatch, 3, 1, 1000, d, dv, dtype)
-    sk = 700 if block_n == 160 else 1000
-    q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, sk, 2, d, dtype=dtype), randn(2, sk, 2, dv, dtype=dtype)
-    _check(q, k, v, causal, torch.float8_e4m3fn)
-
-
-def test_key_pieces():
-    """A key block is one power of two of keys plus at most one more of >= 16, the second only
-    when the head dim is one piece (DB == 0); anything else is refused by name."""
-    def cfg(n):
-        return replace(hopper.ws_config(128, 128), block_n=n)
-    assert [hopper.key_pieces(cfg(n), db) for n, db in ((128, 0), (160, 0), (96, 0), (128, 64))] == [
-        (128, 0), (128, 32), (64, 32), (128, 0)]
-    for n, db in ((130, 0), (136, 0), (160, 64)):
-        with pytest.raises(ValueError, match=f"block_n={n}"):
-            hopper.key_pieces(cfg(n), db)
-
-
-@needs_gluon
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
 def test_launch_cache(monkeypatch, dims):
     """After the first call of a launch key the compiled kernel is launched directly (Triton's

@@ -159,40 +159,32 @@ def _tile_extent(pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlens
 
 
 @gluon.jit
-def _load_block(descs, row, col, bar, smems, DA: gl.constexpr, DB: gl.constexpr, N1: gl.constexpr,
-                N2: gl.constexpr):
-    """TMA of a [N1 + N2, DA + DB] tile (rows row.., columns col..) in power-of-two boxes:
-    [N1, DA] into smems[0], columns col + DA.. into smems[1] when DB > 0 (192 = 128 + 64), rows
-    row + N1.. into smems[2] when N2 > 0 (160-key blocks = 128 + 32); `bar` completes when all
-    of it has landed."""
-    desc_a, desc_b, desc_c = descs
-    smem_a, smem_b, smem_c = smems
-    nbytes: gl.constexpr = desc_a.block_type.nbytes + (desc_b.block_type.nbytes if DB > 0 else 0) + (
-        desc_c.block_type.nbytes if N2 > 0 else 0)
-    mbarrier.expect(bar, nbytes)
+def _load_split(desc_a, desc_b, row, col, bar, smem_a, smem_b, DA: gl.constexpr, DB: gl.constexpr):
+    """TMA of a [rows, DA + DB] tile into smem_a (columns col ..) and, when DB > 0, smem_b
+    (col + DA ..); `bar` completes when all of it has landed."""
+    if DB > 0:
+        mbarrier.expect(bar, desc_a.block_type.nbytes + desc_b.block_type.nbytes)
+    else:
+        mbarrier.expect(bar, desc_a.block_type.nbytes)
     tma.async_copy_global_to_shared(desc_a, [row, col], bar, smem_a)
     if DB > 0:
         tma.async_copy_global_to_shared(desc_b, [row, col + DA], bar, smem_b)
-    if N2 > 0:
-        tma.async_copy_global_to_shared(desc_c, [row + N1, col], bar, smem_c)
 
 
 @gluon.jit
-def _producer(descs, qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty,
+def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty,
               sched, TileCounter, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK,
               GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr,
-              BLOCK_N2: gl.constexpr, NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr):
+              NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp. Picks the CTA's tiles (its program id first, then one from the shared
     counter each time it has issued a tile's loads: dynamic, longest first) and publishes
     them to the consumers. Per tile: Q once (when the consumers have released the last
     tile's), then K_g into ring slot g % NUM_STAGES and V_g into slot (g + 1) % NUM_STAGES
-    as slots free up, g counting key blocks over all of this CTA's tiles. Head dims and key blocks
-    that are not a power of two come in two pieces (_load_block)."""
-    q_desc, qb_desc, k_desc, kb_desc, v_desc, k2_desc, v2_desc = descs
+    as slots free up, g counting key blocks over all of this CTA's tiles. Head dims that are not a power
+    of two come as two column tiles (192 = 128 + 64)."""
+    q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
     q_smem, qb_smem = qs
-    k_smem, kb_smem, k2_smem = ks
-    v_smem, v2_smem = vs
-    N1: gl.constexpr = BLOCK_N - BLOCK_N2
+    k_smem, kb_smem = ks
     pid, nprog, num_tiles, num_m, num_bh, section = sched
     g = 0  # key blocks loaded so far
     i = 0  # tiles published (and loaded) so far
@@ -210,8 +202,8 @@ def _producer(descs, qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, til
                 # A fresh mbarrier counts as having completed the phase before 0: the first
                 # waits on an "empty" barrier (parity 1) pass at once.
                 mbarrier.wait(q_empty.index(w), (i & 1) ^ 1)
-                _load_block((q_desc, qb_desc, q_desc), q_row + w * WG_ROWS, q_col, q_bar.index(w),
-                            (q_smem.index(w), qb_smem.index(w), q_smem.index(w)), DA, DB, WG_ROWS, 0)
+                _load_split(q_desc, qb_desc, q_row + w * WG_ROWS, q_col, q_bar.index(w), q_smem.index(w),
+                            qb_smem.index(w), DA, DB)
             # K_g goes to slot g % NUM_STAGES, V_g to slot (g + 1) % NUM_STAGES: then the
             # consumers' one release per block, kv_empty[g % NUM_STAGES] after block g, frees
             # K_g and V_{g-1} together (Gluon's arrive costs a warpgroup bar.sync: ncu counted
@@ -220,12 +212,13 @@ def _producer(descs, qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, til
                 gj = g + j
                 slot = gj % NUM_STAGES
                 mbarrier.wait(kv_empty.index(slot), ((gj // NUM_STAGES) & 1) ^ 1)  # K_{g-S} released
-                _load_block((k_desc, kb_desc, k2_desc), k_row + j * BLOCK_N, kv_col, k_ready.index(slot),
-                            (k_smem.index(slot), kb_smem.index(slot), k2_smem.index(slot)), DA, DB, N1, BLOCK_N2)
+                _load_split(k_desc, kb_desc, k_row + j * BLOCK_N, kv_col, k_ready.index(slot), k_smem.index(slot),
+                            kb_smem.index(slot), DA, DB)
                 v_slot = (gj + 1) % NUM_STAGES
                 mbarrier.wait(kv_empty.index(v_slot), (((gj + 1) // NUM_STAGES) & 1) ^ 1)  # V_{g-S} released
-                _load_block((v_desc, v_desc, v2_desc), k_row + j * BLOCK_N, v_col, v_ready.index(v_slot),
-                            (v_smem.index(v_slot), v_smem.index(v_slot), v2_smem.index(v_slot)), DV, 0, N1, BLOCK_N2)
+                mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(v_slot),
+                                                v_smem.index(v_slot))
             g += n_blocks
             i += 1
         tile = nprog + gl.atomic_add(TileCounter, 1)
@@ -233,29 +226,25 @@ def _producer(descs, qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, til
 
 
 @gluon.jit
-def _softmax_step(s, s2, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
-                  MASKED: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_N2: gl.constexpr, CAUSAL: gl.constexpr,
+def _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
+                  MASKED: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, s_layout: gl.constexpr,
                   p_dtype: gl.constexpr, LAZY_RESCALE: gl.constexpr, ABLATE: gl.constexpr = 0):
-    """Online softmax of score block j, keys j * BLOCK_N .. in s and, when BLOCK_N2 > 0, the
-    block's last BLOCK_N2 keys in s2 (a second wgmma accumulator; otherwise s2 is unused).
-    Returns (p, p2, m_new, l_new, alpha) with p = exp2(s * qk_scale - m) in p_dtype (16-bit:
-    half the registers of fp32 while it waits for its PV), alpha = exp2(m_old - m) (0-safe for
-    rows with no key yet).
+    """Online softmax of score block j: returns (p, m_new, l_new, alpha) with
+    p = exp2(s * qk_scale - m) in p_dtype (16-bit: half the registers of fp32 while it waits
+    for its PV), alpha = exp2(m_old - m) (0-safe for rows with no key yet).
     LAZY_RESCALE (FA4's conditional rescale): m moves only when the block's maximum passes it
     by more than RESCALE_LOG2, so p <= 2^RESCALE_LOG2 (exact enough in 16 bits, no overflow in
     fp32) and alpha is exactly 1 on most blocks, whose O rescale is then skipped (_rescale_o).
     ABLATE == 1 (a measurement variant, wrong results) skips it: p = s."""
     if ABLATE == 1:
-        return s.to(p_dtype), s2.to(p_dtype), m_i, l_i, l_i + 1.0
-    row_layout: gl.constexpr = gl.SliceLayout(1, s.type.layout)
+        return s.to(p_dtype), m_i, l_i, l_i + 1.0
     if MASKED:  # the causal diagonal or the ragged end of the keys
-        s = _mask_scores(s, j * BLOCK_N, q_pos, seqlen_k, diag, CAUSAL)
-        if BLOCK_N2 > 0:
-            s2 = _mask_scores(s2, j * BLOCK_N + BLOCK_N - BLOCK_N2, q_pos, seqlen_k, diag, CAUSAL)
-    m_blk = _row_max(s)
-    if BLOCK_N2 > 0:  # (the two accumulators map rows to threads alike: the layout change moves no data)
-        m_blk = gl.maximum(m_blk, gl.convert_layout(_row_max(s2), row_layout))
-    m_blk = m_blk * qk_scale
+        keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        ok = (keys < seqlen_k)[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= (q_pos + diag)[:, None])
+        s = gl.where(ok, s, float("-inf"))
+    m_blk = _row_max(s) * qk_scale
     if LAZY_RESCALE:
         m_new = gl.where(m_blk > m_i + RESCALE_LOG2, m_blk, m_i)
     else:
@@ -263,27 +252,8 @@ def _softmax_step(s, s2, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
-    if BLOCK_N2 > 0:
-        p2 = gl.exp2(s2 * qk_scale - gl.convert_layout(m_use, gl.SliceLayout(1, s2.type.layout))[:, None])
-        l_new = l_i * alpha + gl.sum(p, 1) + gl.convert_layout(gl.sum(p2, 1), row_layout)
-        p2 = _pack_16bit(p2, p_dtype)
-        p = _pack_16bit(p, p_dtype)
-    else:
-        l_new = l_i * alpha + gl.sum(p, 1)
-        p = _pack_16bit(p, p_dtype)
-        p2 = p
-    return p, p2, m_new, l_new, alpha
-
-
-@gluon.jit
-def _mask_scores(s, key0, q_pos, seqlen_k, diag, CAUSAL: gl.constexpr):
-    """s with -inf at keys (key0 + column) past seqlen_k or, causal, past a row's diagonal."""
-    keys = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
-    ok = (keys < seqlen_k)[None, :]
-    if CAUSAL:
-        rows = gl.convert_layout(q_pos, gl.SliceLayout(1, s.type.layout))
-        ok = ok & (keys[None, :] <= (rows + diag)[:, None])
-    return gl.where(ok, s, float("-inf"))
+    l_new = l_i * alpha + gl.sum(p, 1)
+    return _pack_16bit(p, p_dtype), m_new, l_new, alpha
 
 
 @gluon.jit
@@ -336,65 +306,23 @@ def _pack_16bit(x, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _issue_qk(q, ks, slot, s_zero, s2_zero, DB: gl.constexpr, BLOCK_N2: gl.constexpr):
-    """S = Q K^T on the tensor cores, asynchronously: one wgmma group per piece (two when
-    D = DA + DB; the block's last BLOCK_N2 keys into their own accumulator). Returns the
-    tokens of S and of its second key piece (S's again when there is none)."""
-    k_smem, kb_smem, k2_smem = ks
+def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
+    """S = Q K^T on the tensor cores, asynchronously (two wgmmas when D = DA + DB)."""
+    k_smem, kb_smem = ks
     q_a, q_b = q
     s_tok = warpgroup_mma(q_a, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     if DB > 0:
         s_tok = warpgroup_mma(q_b, kb_smem.index(slot).permute((1, 0)), s_tok, is_async=True)
-    s2_tok = s_tok
-    if BLOCK_N2 > 0:
-        s2_tok = warpgroup_mma(q_a, k2_smem.index(slot).permute((1, 0)), s2_zero, use_acc=False, is_async=True)
-    return s_tok, s2_tok
+    return s_tok
 
 
 @gluon.jit
-def _issue_pv(p, p2, vs, slot, acc, p_layout: gl.constexpr, BLOCK_N2: gl.constexpr):
-    """O += P V (asynchronously; P from registers, its second key piece against V's last
-    BLOCK_N2 rows). Returns the token and P, P2 in the wgmma operand layout."""
-    v_smem, v2_smem = vs
-    p_op = gl.convert_layout(p, p_layout)
-    p2_op = p_op
-    o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
-    if BLOCK_N2 > 0:
-        p2_op = gl.convert_layout(p2, p_layout)
-        o_tok = warpgroup_mma(p2_op, v2_smem.index(slot), o_tok, is_async=True)
-    return o_tok, p_op, p2_op
-
-
-@gluon.jit
-def _wait_qk(s_tok, s2_tok, p_op, p2_op, DB: gl.constexpr, BLOCK_N2: gl.constexpr):
-    """Wait for S (and S2) while the PV issued after them may still run: the groups in flight
-    are S's (1, 2 with DB, +1 with BLOCK_N2) then the PV's (1, +1 with BLOCK_N2). P's
-    operand registers ride through as dependencies (_pipelined_block)."""
-    if BLOCK_N2 > 0:
-        s, s2, p_op, p2_op = warpgroup_mma_wait(2, deps=(s_tok, s2_tok, p_op, p2_op))
-    else:
-        s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
-        s2 = s
-        p2_op = p_op
-    return s, s2, p_op, p2_op
-
-
-@gluon.jit
-def _wait_pv(o_tok, p_op, p2_op, BLOCK_N2: gl.constexpr):
-    if BLOCK_N2 > 0:
-        acc, p_op, p2_op = warpgroup_mma_wait(0, deps=(o_tok, p_op, p2_op))
-    else:
-        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-    return acc
-
-
-@gluon.jit
-def _pipelined_block(g, j, q, ks, vs, k_ready, v_ready, kv_empty, always_done, acc, p, p2, m_i, l_i, alpha,
-                     q_pos, seqlen_k, diag, qk_scale, s_zero, s2_zero,
+def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+                     q_pos, seqlen_k, diag, qk_scale, s_zero,
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
-                     BLOCK_N2: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                     p_layout: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-                     LAZY_RESCALE: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
+                     o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
+                     PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr):
     """One step of the consumer loop, key block j of the tile (g of the CTA): S_j = Q K_j^T
     and O += P_{j-1} V_{j-1} in flight together, the softmax of S_j under the PV.
     ABLATE == 2 (a measurement variant, wrong results) leaves the PV wgmma out."""
@@ -402,25 +330,23 @@ def _pipelined_block(g, j, q, ks, vs, k_ready, v_ready, kv_empty, always_done, a
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
     if PINGPONG:  # my turn: the other warpgroup has issued the QK^T of its last block
         _named_barrier(PINGPONG_BARRIER0 + WG, False)
-    s_tok, s2_tok = _issue_qk(q, ks, slot, s_zero, s2_zero, DB, BLOCK_N2)
+    s_tok = _issue_qk(q, ks, slot, s_zero, DB)
     if PINGPONG:  # the turn holds the QK^T issue only (FA3's also holds the V wait, O's rescale and
         # the PV issue: 1-3 % slower at d=128 in two interleaved runs, perf-notes v24)
         _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
     # O's rescale by the last block's alpha runs while S_j is on the tensor cores (FA3's order)
     mbarrier.wait(v_ready.index(slot), ((g - 1) // NUM_STAGES) & 1)
     acc = _rescale_o(acc, alpha, LAZY_RESCALE)
+    p_op = gl.convert_layout(p, p_layout)
     if ABLATE != 2:
-        o_tok, p_op, p2_op = _issue_pv(p, p2, vs, slot, acc, p_layout, BLOCK_N2)
-    else:
-        p_op = gl.convert_layout(p, p_layout)
-        p2_op = gl.convert_layout(p2, p_layout)
+        o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
     # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
     # through both waits as a dependency: otherwise it is dead to the register allocator
     # once issued, the softmax below reuses its registers, and ptxas has to wait for the
     # PV before the softmax (seen in SASS).
-    s, s2, p_op, p2_op = _wait_qk(s_tok, s2_tok, p_op, p2_op, DB, BLOCK_N2)
-    p, p2, m_i, l_i, alpha = _softmax_step(s, s2, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
-                                           MASKED, BLOCK_N, BLOCK_N2, CAUSAL, vs[0].dtype, LAZY_RESCALE, ABLATE)
+    s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale,
+                                       MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, LAZY_RESCALE, ABLATE)
     # PV_FENCE: an mbarrier wait that passes at once (its barrier never re-arms) ends the
     # basic block here. Without it ptxas hoists the PV wait below above the softmax (SASS:
     # WARPGROUP.DEPBAR before the exp2s), so the softmax no longer runs under the PV; with
@@ -428,17 +354,17 @@ def _pipelined_block(g, j, q, ks, vs, k_ready, v_ready, kv_empty, always_done, a
     if PV_FENCE:
         mbarrier.wait(always_done, 0)
     if ABLATE != 2:
-        acc = _wait_pv(o_tok, p_op, p2_op, BLOCK_N2)
+        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
     mbarrier.arrive(kv_empty.index(slot))  # K_g and V_{g-1} consumed
-    return acc, p, p2, m_i, l_i, alpha
+    return acc, p, m_i, l_i, alpha
 
 
 @gluon.jit
-def _consumer(qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
+def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
               o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
               out_strides, lse_strides, bs_strides, qk_scale,
-              WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_N2: gl.constexpr, DV: gl.constexpr,
-              NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
+              WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_STAGES: gl.constexpr,
+              VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
               OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
               TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
               LAZY_RESCALE: gl.constexpr):
@@ -453,10 +379,10 @@ def _consumer(qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, always_don
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
             pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
-        _consumer_tile(qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
+        _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
                        Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq, sk, n_blocks, n_full, g, i,
                        out_strides, lse_strides, bs_strides, qk_scale,
-                       WG, DB, BLOCK_N, BLOCK_N2, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
+                       WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
                        GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)
         g += n_blocks
         i += 1
@@ -468,35 +394,26 @@ def _consumer(qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, always_don
 
 
 @gluon.jit
-def _consumer_tile(qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
+def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
                    Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, q_pos0, seqlen_q, seqlen_k, n_blocks, n_full,
                    g0, tile_idx, out_strides, lse_strides, bs_strides, qk_scale,
-                   WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_N2: gl.constexpr,
-                   DV: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
+                   WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
                    OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
                    TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
               LAZY_RESCALE: gl.constexpr):
-    """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue.
-    A key block is BLOCK_N - BLOCK_N2 keys in one wgmma accumulator and BLOCK_N2 (0: none) in a
-    second (Gluon's tensors are powers of two; FA3 runs 176-key blocks at d=128)."""
-    N1: gl.constexpr = BLOCK_N - BLOCK_N2
+    """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, N1, 16])
+                                                       instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, DV, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    v_smem = vs[0]
     dtype: gl.constexpr = v_smem.dtype
 
     q_pos = q_pos0 + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
     diag = seqlen_k - seqlen_q
     q = (qs[0].index(WG), qs[1].index(WG))
-    s_zero = gl.zeros([WG_ROWS, N1], gl.float32, s_layout)
-    s2_zero = s_zero
-    if BLOCK_N2 > 0:
-        s2_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, BLOCK_N2, 16])
-        s2_zero = gl.zeros([WG_ROWS, BLOCK_N2], gl.float32, s2_layout)
+    s_zero = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout)
     m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([WG_ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([WG_ROWS, DV], gl.float32, o_layout)
@@ -507,42 +424,39 @@ def _consumer_tile(qs, ks, vs, q_bar, q_empty, k_ready, v_ready, kv_empty, alway
     mbarrier.wait(k_ready.index(slot0), (g0 // NUM_STAGES) & 1)
     if PINGPONG:
         _named_barrier(PINGPONG_BARRIER0 + WG, False)
-    s_tok, s2_tok = _issue_qk(q, ks, slot0, s_zero, s2_zero, DB, BLOCK_N2)
+    s_tok = _issue_qk(q, ks, slot0, s_zero, DB)
     if PINGPONG:
         _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
-    if BLOCK_N2 > 0:
-        s, s2 = warpgroup_mma_wait(0, deps=(s_tok, s2_tok))
-    else:
-        s = warpgroup_mma_wait(0, deps=(s_tok,))
-        s2 = s
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
     # K_g0, and V_{g0-1} in the same slot: the previous tile's last block, whose PV is done
     mbarrier.arrive(kv_empty.index(slot0))
     if n_full > 0:
-        p, p2, m_i, l_i, alpha = _softmax_step(s, s2, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
-                                               False, BLOCK_N, BLOCK_N2, CAUSAL, dtype, LAZY_RESCALE, ABLATE)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+                                           False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
     else:
-        p, p2, m_i, l_i, alpha = _softmax_step(s, s2, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
-                                               True, BLOCK_N, BLOCK_N2, CAUSAL, dtype, LAZY_RESCALE, ABLATE)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+                                           True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
     # Two loops, not one with a branch: the masked one's column indices stay out of the
     # unmasked loop's registers (in one loop ptxas kept them live and spilled).
     for j in range(1, n_full):
-        acc, p, p2, m_i, l_i, alpha = _pipelined_block(
-            g0 + j, j, q, ks, vs, k_ready, v_ready, kv_empty, always_done, acc, p, p2, m_i, l_i, alpha,
-            q_pos, seqlen_k, diag, qk_scale, s_zero, s2_zero, WG, DB, False, BLOCK_N, BLOCK_N2, NUM_STAGES,
-            CAUSAL, PINGPONG, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
+        acc, p, m_i, l_i, alpha = _pipelined_block(
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+            q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     for j in range(gl.maximum(n_full, 1), n_blocks):
-        acc, p, p2, m_i, l_i, alpha = _pipelined_block(
-            g0 + j, j, q, ks, vs, k_ready, v_ready, kv_empty, always_done, acc, p, p2, m_i, l_i, alpha,
-            q_pos, seqlen_k, diag, qk_scale, s_zero, s2_zero, WG, DB, True, BLOCK_N, BLOCK_N2, NUM_STAGES,
-            CAUSAL, PINGPONG, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
+        acc, p, m_i, l_i, alpha = _pipelined_block(
+            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+            q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
+            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
     # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
     # tile's last PV and epilogue).
     mbarrier.arrive(q_empty.index(WG))
     g_last = g0 + n_blocks - 1  # V_{g_last} is in slot g_last + 1, released by the next tile's first block
     mbarrier.wait(v_ready.index((g_last + 1) % NUM_STAGES), (g_last // NUM_STAGES) & 1)
     acc = _rescale_o(acc, alpha, LAZY_RESCALE)
-    o_tok, p_op, p2_op = _issue_pv(p, p2, vs, (g_last + 1) % NUM_STAGES, acc, p_layout, BLOCK_N2)
-    acc = _wait_pv(o_tok, p_op, p2_op, BLOCK_N2)
+    o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index((g_last + 1) % NUM_STAGES), acc,
+                          is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(o_tok,))
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf ----------------------
     stride_ob, stride_os, stride_oh = out_strides
@@ -643,12 +557,12 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section"])
 def attn_fwd_ws_kernel(
-    q_desc, qb_desc, k_desc, kb_desc, v_desc, k2_desc, v2_desc, o_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
+    q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
     seqlen_q, seqlen_k, batch, num_heads, section, qk_scale,
     GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr,
-    BLOCK_N: gl.constexpr, BLOCK_N2: gl.constexpr, NUM_STAGES: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
@@ -656,8 +570,7 @@ def attn_fwd_ws_kernel(
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
     batch*heads per L2 section (_tile_coords), TileCounter an int32 zero (tiles handed out
-    past the first grid's worth). A grid of one CTA per tile is the non-persistent kernel.
-    k2_desc / v2_desc: the last BLOCK_N2 keys of a key block, when BLOCK_N2 > 0 (then DB == 0)."""
+    past the first grid's worth). A grid of one CTA per tile is the non-persistent kernel."""
     BLOCK_M: gl.constexpr = NUM_CONSUMERS * WG_ROWS
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
     num_bh = batch * num_heads
@@ -674,12 +587,6 @@ def attn_fwd_ws_kernel(
         qb_smem = q_smem
         kb_smem = k_smem
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    if BLOCK_N2 > 0:  # a key block's last BLOCK_N2 keys
-        k2_smem = gl.allocate_shared_memory(k2_desc.dtype, [NUM_STAGES] + k2_desc.block_type.shape, k2_desc.layout)
-        v2_smem = gl.allocate_shared_memory(v2_desc.dtype, [NUM_STAGES] + v2_desc.block_type.shape, v2_desc.layout)
-    else:  # unused
-        k2_smem = k_smem
-        v2_smem = v_smem
     if TMA_STORE:  # one output tile per consumer warpgroup, staged for its TMA store
         o_smem = gl.allocate_shared_memory(o_desc.dtype, [NUM_CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
     else:  # unused
@@ -715,19 +622,18 @@ def attn_fwd_ws_kernel(
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     gl.warp_specialize([
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem, k2_smem), (v_smem, v2_smem), q_bar, q_empty, k_ready,
-                     v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse,
-                     OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides,
-                     lse_strides, bs_strides, qk_scale, 0, DB, BLOCK_N, BLOCK_N2, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+                     always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
+                     CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
+                     bs_strides, qk_scale, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
                      OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem, k2_smem), (v_smem, v2_smem), q_bar, q_empty, k_ready,
-                     v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse,
-                     OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides,
-                     lse_strides, bs_strides, qk_scale, 1, DB, BLOCK_N, BLOCK_N2, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
+        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+                     always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
+                     CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
+                     bs_strides, qk_scale, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
                      OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
-        (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc, k2_desc, v2_desc), (q_smem, qb_smem),
-                     (k_smem, kb_smem, k2_smem), (v_smem, v2_smem),
+        (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
                      q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter,
                      num_heads, seqlen_q, seqlen_k,
-                     CuSeqlensQ, CuSeqlensK, GROUP, DA, DB, DV, BLOCK_N, BLOCK_N2, NUM_STAGES, VARLEN, CAUSAL)),
+                     CuSeqlensQ, CuSeqlensK, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -67,16 +67,6 @@ def ws_config(head_dim: int, head_dim_v: int, block_n: Optional[int] = None) -> 
     return WsConfig(block_n, 1)
 
 
-def key_pieces(cfg: WsConfig, db: int):
-    """A key block as (N1, N2): N1 keys in one TMA box and wgmma accumulator, the last N2 (0: none)
-    in a second (block_n = 128 + 32 = 160; both powers of two, as Gluon's tensors must be).
-    Not with a split head dim (DB > 0): that would take four K pieces."""
-    pieces = split_head_dim(cfg.block_n)
-    if pieces is None or (pieces[1] and db):
-        raise ValueError(f"block_n={cfg.block_n} is not 2^a [+ 2^b >= 16] keys (2^a only when the head dim is split)")
-    return pieces
-
-
 def _smem_bytes(d, dv, block_n, stages, elem=2):
     return elem * (BLOCK_M * d + stages * block_n * (d + dv))
 
@@ -232,7 +222,6 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
 
     cfg = ws_config(p.head_dim, p.head_dim_v)
     da, db = split_head_dim(p.head_dim)
-    n1, n2 = key_pieces(cfg, db)
     tma_store = tma_store_applies(p, cfg, out)
     num_tiles = cdiv(max(p.max_seqlen_q, 1), BLOCK_M) * p.batch * p.num_heads
     dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
@@ -246,7 +235,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
             p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p))
     constexprs = dict(
         GROUP=p.num_heads // p.num_heads_kv, DA=da, DB=db, DV=p.head_dim_v,
-        BLOCK_N=cfg.block_n, BLOCK_N2=n2, NUM_STAGES=cfg.num_stages, VARLEN=p.varlen, CAUSAL=causal,
+        BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=p.varlen, CAUSAL=causal,
         PINGPONG=cfg.pingpong, STORE_LSE=lse is not None,
         OUT_KIND=epilogue["OUT_KIND"], FP8_MAX=epilogue["FP8_MAX"], GROUP_SIZE=epilogue["GROUP_SIZE"],
         UE8M0=epilogue["UE8M0"], TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
@@ -259,14 +248,12 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     hit = kernel is not None
     hd, hkv_d, hkv_dv = p.num_heads * p.head_dim, p.num_heads_kv * p.head_dim, p.num_heads_kv * p.head_dim_v
     q_desc = _descriptor(p.q, WG_ROWS, hd, da, hit)
-    k_desc = _descriptor(p.k, n1, hkv_d, da, hit)
+    k_desc = _descriptor(p.k, cfg.block_n, hkv_d, da, hit)
     qb_desc = _descriptor(p.q, WG_ROWS, hd, db, hit) if db else q_desc
-    kb_desc = _descriptor(p.k, n1, hkv_d, db, hit) if db else k_desc
-    v_desc = _descriptor(p.v, n1, hkv_dv, p.head_dim_v, hit)
-    k2_desc = _descriptor(p.k, n2, hkv_d, da, hit) if n2 else k_desc
-    v2_desc = _descriptor(p.v, n2, hkv_dv, p.head_dim_v, hit) if n2 else v_desc
+    kb_desc = _descriptor(p.k, cfg.block_n, hkv_d, db, hit) if db else k_desc
+    v_desc = _descriptor(p.v, cfg.block_n, hkv_dv, p.head_dim_v, hit)
     o_desc = _descriptor(out, WG_ROWS, p.num_heads * p.head_dim_v, p.head_dim_v, hit) if tma_store else v_desc
-    args = (q_desc, qb_desc, k_desc, kb_desc, v_desc, k2_desc, v2_desc, o_desc, *pointers, *ints, softmax_scale * LOG2E)
+    args = (q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, *pointers, *ints, softmax_scale * LOG2E)
     if not hit:  # Triton's JIT dispatch: binds, specializes, compiles (once), launches
         assert attn_fwd_ws_kernel.arg_names[len(args):] == list(constexprs)  # (the constexprs come last)
         _COMPILED[key] = attn_fwd_ws_kernel[(grid,)](*args, **constexprs, num_warps=4, maxnreg=168)
