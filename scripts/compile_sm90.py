@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 
+from dataclasses import replace
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -65,14 +67,14 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
-                  pingpong=None, tma_store=True, lazy_rescale=None):
+                  pingpong=None, tma_store=True, lazy_rescale=None, **config):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
     as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
     staging buffer fits, as in launch.tma_store_applies)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = ws_config(d, dv)
+    cfg = replace(ws_config(d, dv, consumers=config.get("consumers", 2)), **config)
     da, db = split_head_dim(d)
 
     def desc(rows, cols, dtype="bf16"):
@@ -83,18 +85,18 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
     out_bytes = 2 if out in ("*bf16", "*fp16") else 1
     tma_store = tma_store and kind != 3 and staging_fits(d, dv, cfg, out_bytes)  # NVFP4: register stores
 
-    c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=varlen,
+    c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, NUM_CONSUMERS=cfg.consumers, VARLEN=varlen,
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
-             GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
+             GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.registers()[1],
              PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence,
-             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale)
+             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap)
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
             "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": "*fp8e4nv" if kind == 3 else "*fp32", "CuSeqlensQ": "*i32",
             "CuSeqlensK": "*i32", "TileCounter": "*i32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
-    return src, dict(num_warps=4, maxnreg=168)
+    return src, dict(num_warps=4, maxnreg=cfg.registers()[0])
 
 
 VARIANTS = {
@@ -125,6 +127,9 @@ VARIANTS = {
     "gluon d128 gqa ping-pong, bf16 register stores, every O rescale": gluon_variant(
         out="*bf16", kind=0, group=4, pingpong=True, tma_store=False, lazy_rescale=False),
     "gluon d32 mha, bf16 out (16-value rescale blocks)": gluon_variant(out="*bf16", kind=0, d=32, dv=32),
+    "gluon d192-128 mqa, 3 consumers x 64 rows, fp8 out": gluon_variant(d=192, group=16, consumers=3),
+    "gluon d128 non-causal, 3 consumers, serial 128-key blocks, fp8 out": gluon_variant(
+        causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False),
 }
 
 

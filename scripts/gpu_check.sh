@@ -37,7 +37,7 @@ if ! timeout 240 python3 scripts/gluon_smoke.py > "$OUT/smoke.log" 2>&1; then
 fi
 tail -n 3 "$OUT/smoke.log"
 if [ $TESTS = 1 ]; then
-  timeout 420 python3 -m pytest -q -n 8 -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
+  timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -q -n 8 -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20; tail -n 2 "$OUT/pytest.log"
 fi
 if [ $BENCH = 1 ]; then timeout 280 python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"; fi

@@ -164,6 +164,61 @@ def test_pingpong_option(monkeypatch, causal, dims):
 
 
 @needs_gluon
+@pytest.mark.parametrize("serial", [False, True], ids=["overlap", "serial"])
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (192, 128)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_three_consumers(monkeypatch, causal, dims, serial):
+    """WsConfig.consumers = 3: 192-row tiles (Sq = 600: three whole tiles and one of 24 rows,
+    causal diagonals through three warpgroups' rows), every K/V slot released by three
+    warpgroups, GQA, 3 CTAs walking several tiles each; 64-key blocks with FA3's intra-warpgroup
+    overlap, or 128-key blocks (64 at d=192: shared memory) each waited for in turn."""
+    (d, dv), dtype = dims, DTYPES[0]
+    base = hopper.ws_config
+    if serial:
+        cfg = replace(base(d, dv, 128 if d <= 128 else 64, consumers=3), intra_overlap=False)
+    else:
+        cfg = base(d, dv, consumers=3)
+    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: cfg)
+    _small_grid(monkeypatch, 3, 1, 700, d, dv, dtype)
+    q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype), randn(2, 700, 2, dv, dtype=dtype)
+    _check(q, k, v, causal, torch.float8_e4m3fn if serial else "plain")
+
+
+def test_for_problem_rule():
+    """Non-causal batched calls with head dims <= 128 take 3 consumers with serial 128-key blocks
+    where whole-tile waves favor them (the four non-causal shapes measured in perf-notes v26, on
+    132 SMs); causal, varlen, d=192, ping-pong and configs that opt out keep theirs."""
+    def pick(b, h, s, causal=False, d=128, varlen=False, **options):
+        cfg = replace(hopper.ws_config(d, 128), **options)
+        p = SimpleNamespace(head_dim=d, head_dim_v=128, varlen=varlen, batch=b, num_heads=h, max_seqlen_q=s)
+        return hopper.for_problem(cfg, p, causal, 132)
+    three = pick(2, 32, 8192)
+    assert (three.consumers, three.block_n, three.intra_overlap, three.block_m) == (3, 128, False, 192)
+    assert [pick(1, 32, 8192).consumers, pick(1, 16, 8192).consumers, pick(4, 32, 4096).consumers] == [3, 2, 3]
+    base = hopper.ws_config(128, 128)
+    assert pick(2, 32, 8192, causal=True) == base
+    assert pick(2, 32, 8192, varlen=True) == base
+    assert pick(2, 32, 8192, d=192) == hopper.ws_config(192, 128)
+    assert pick(2, 32, 8192, pingpong=True) == replace(base, pingpong=True)
+    assert pick(2, 32, 8192, auto_consumers=False) == replace(base, auto_consumers=False)
+    assert pick(2, 32, 8192, lazy_rescale=False).lazy_rescale is False  # (the other options carry over)
+
+
+@needs_gluon
+def test_noncausal_takes_three_consumers(monkeypatch):
+    """The launcher's own choice (for_problem, here on 7 CTAs: 48 tiles of 192 rows in 7 waves
+    against 72 of 128 in 11) runs and matches the reference."""
+    dtype, d = DTYPES[0], 128
+    _small_grid(monkeypatch, 7, 1, 1100, d, d, dtype)
+    used = []
+    real = hopper.for_problem
+    monkeypatch.setattr(hopper, "for_problem", lambda *a: used.append(real(*a)) or used[-1])
+    q, k, v = randn(2, 1100, 4, d, dtype=dtype), randn(2, 1100, 2, d, dtype=dtype), randn(2, 1100, 2, d, dtype=dtype)
+    _check(q, k, v, False, torch.float8_e4m3fn)
+    assert [(c.consumers, c.intra_overlap) for c in used] == [(3, False)]
+
+
+@needs_gluon
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
 def test_launch_cache(monkeypatch, dims):
     """After the first call of a launch key the compiled kernel is launched directly (Triton's

@@ -55,7 +55,6 @@ _e2m1_code = gluon.jit(_portable.e2m1_code.fn)
 _nvfp4_scale_offset = gluon.jit(_portable.nvfp4_scale_offset.fn)
 
 WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (wgmma M = 64 per warpgroup)
-NUM_CONSUMERS = gl.constexpr(2)
 LN2 = gl.constexpr(0.6931471805599453)
 # LAZY_RESCALE: the running max moves only when a block's passes it by more than this (log2
 # units: P <= 256), FA4's threshold
@@ -172,16 +171,16 @@ def _load_split(desc_a, desc_b, row, col, bar, smem_a, smem_b, DA: gl.constexpr,
 
 
 @gluon.jit
-def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty,
-              sched, TileCounter, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK,
-              GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr,
-              NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr):
+def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
     """One warp. Picks the CTA's tiles (its program id first, then one from the shared
     counter each time it has issued a tile's loads: dynamic, longest first) and publishes
     them to the consumers. Per tile: Q once (when the consumers have released the last
     tile's), then K_g into ring slot g % NUM_STAGES and V_g into slot (g + 1) % NUM_STAGES
     as slots free up, g counting key blocks over all of this CTA's tiles. Head dims that are not a power
     of two come as two column tiles (192 = 128 + 64)."""
+    (descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched,
+     TileCounter, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK) = args
     q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
     q_smem, qb_smem = qs
     k_smem, kb_smem = ks
@@ -192,7 +191,8 @@ def _producer(descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
     while tile < num_tiles:
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
-            pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
+            pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, NUM_CONSUMERS * WG_ROWS, BLOCK_N, VARLEN,
+            CAUSAL)
         if m0 < sq:  # (varlen: a tile past its sequence's end has no rows and is not published)
             _publish_tile(tile_ids, tile_full, tile_empty, tile, i)
             q_col = h * (DA + DB)
@@ -360,15 +360,39 @@ def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_don
 
 
 @gluon.jit
-def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
-              o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
-              out_strides, lse_strides, bs_strides, qk_scale,
-              WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, NUM_STAGES: gl.constexpr,
-              VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
-              OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-              TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-              LAZY_RESCALE: gl.constexpr):
-    """One warpgroup: rows WG*64 .. +64 of each tile the producer publishes."""
+def _serial_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, q_pos, seqlen_k, diag, qk_scale,
+                  s_zero, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr, LAZY_RESCALE: gl.constexpr):
+    """Key block j of the tile (g of the CTA) without intra-warpgroup overlap (INTRA_OVERLAP off):
+    S_j, its softmax, O's rescale, O += P_j V_j, each waited for; the other consumer warpgroups'
+    GEMMs fill the tensor cores meanwhile. P_j dies inside the step, so S, P and O need not
+    be live together: 128-key blocks fit the 160 registers a thread has with 3 consumers."""
+    slot = g % NUM_STAGES
+    mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
+    s = warpgroup_mma_wait(0, deps=(_issue_qk(q, ks, slot, s_zero, DB),))
+    mbarrier.arrive(kv_empty.index(slot))  # K_g, and V_{g-1} (the last step's PV, waited for)
+    p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, q_pos, seqlen_k, diag, qk_scale, MASKED, BLOCK_N, CAUSAL,
+                                       s_layout, v_smem.dtype, LAZY_RESCALE)
+    acc = _rescale_o(acc, alpha, LAZY_RESCALE)
+    v_slot = (g + 1) % NUM_STAGES  # V_g (see _producer)
+    mbarrier.wait(v_ready.index(v_slot), (g // NUM_STAGES) & 1)
+    o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(v_slot), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(o_tok,))
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
+              NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+              STORE_LSE: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr,
+              UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
+              LAZY_RESCALE: gl.constexpr, NUM_CONSUMERS: gl.constexpr, INTRA_OVERLAP: gl.constexpr):
+    """One warpgroup: rows WG*64 .. +64 of each tile the producer publishes. `args`: the buffers,
+    barriers and scalars every consumer gets (constexprs cannot ride in a tuple built in the
+    kernel: Gluon 3.6 turns them into tensors)."""
+    (qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
+     o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
+     out_strides, lse_strides, bs_strides, qk_scale) = args
     pid, nprog, num_tiles, num_m, num_bh, section = sched
     g = 0  # key blocks consumed so far (the producer's ring counter)
     i = 0  # tiles done
@@ -378,12 +402,13 @@ def _consumer(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always
     while tile < num_tiles:
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
-            pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, 2 * WG_ROWS, BLOCK_N, VARLEN, CAUSAL)
+            pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, NUM_CONSUMERS * WG_ROWS, BLOCK_N, VARLEN,
+            CAUSAL)
         _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
                        Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq, sk, n_blocks, n_full, g, i,
                        out_strides, lse_strides, bs_strides, qk_scale,
                        WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)
+                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, INTRA_OVERLAP)
         g += n_blocks
         i += 1
         tile = _read_tile(tile_ids, tile_full, tile_empty, i)
@@ -401,7 +426,7 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
                    NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
                    OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
                    TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-              LAZY_RESCALE: gl.constexpr):
+                   LAZY_RESCALE: gl.constexpr, INTRA_OVERLAP: gl.constexpr):
     """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -419,44 +444,55 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     acc = gl.zeros([WG_ROWS, DV], gl.float32, o_layout)
 
     mbarrier.wait(q_bar.index(WG), tile_idx & 1)
-    # Block 0: S_0, its softmax; its PV waits for the loop (pipelined one block behind).
-    slot0 = g0 % NUM_STAGES
-    mbarrier.wait(k_ready.index(slot0), (g0 // NUM_STAGES) & 1)
-    if PINGPONG:
-        _named_barrier(PINGPONG_BARRIER0 + WG, False)
-    s_tok = _issue_qk(q, ks, slot0, s_zero, DB)
-    if PINGPONG:
-        _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
-    s = warpgroup_mma_wait(0, deps=(s_tok,))
-    # K_g0, and V_{g0-1} in the same slot: the previous tile's last block, whose PV is done
-    mbarrier.arrive(kv_empty.index(slot0))
-    if n_full > 0:
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
-                                           False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
+    if INTRA_OVERLAP:
+        # Block 0: S_0, its softmax; its PV waits for the loop (pipelined one block behind).
+        slot0 = g0 % NUM_STAGES
+        mbarrier.wait(k_ready.index(slot0), (g0 // NUM_STAGES) & 1)
+        if PINGPONG:
+            _named_barrier(PINGPONG_BARRIER0 + WG, False)
+        s_tok = _issue_qk(q, ks, slot0, s_zero, DB)
+        if PINGPONG:
+            _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        # K_g0, and V_{g0-1} in the same slot: the previous tile's last block, whose PV is done
+        mbarrier.arrive(kv_empty.index(slot0))
+        if n_full > 0:
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+                                               False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
+        else:
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+                                               True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
+        # Two loops, not one with a branch: the masked one's column indices stay out of the
+        # unmasked loop's registers (in one loop ptxas kept them live and spilled).
+        for j in range(1, n_full):
+            acc, p, m_i, l_i, alpha = _pipelined_block(
+                g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+                q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
+                s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
+        for j in range(gl.maximum(n_full, 1), n_blocks):
+            acc, p, m_i, l_i, alpha = _pipelined_block(
+                g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+                q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
+                s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
+        # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
+        # tile's last PV and epilogue).
+        mbarrier.arrive(q_empty.index(WG))
+        g_last = g0 + n_blocks - 1  # V_{g_last} is in slot g_last + 1, released by the next tile's first block
+        mbarrier.wait(v_ready.index((g_last + 1) % NUM_STAGES), (g_last // NUM_STAGES) & 1)
+        acc = _rescale_o(acc, alpha, LAZY_RESCALE)
+        o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index((g_last + 1) % NUM_STAGES), acc,
+                              is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
     else:
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
-                                           True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
-    # Two loops, not one with a branch: the masked one's column indices stay out of the
-    # unmasked loop's registers (in one loop ptxas kept them live and spilled).
-    for j in range(1, n_full):
-        acc, p, m_i, l_i, alpha = _pipelined_block(
-            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
-            q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
-            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
-    for j in range(gl.maximum(n_full, 1), n_blocks):
-        acc, p, m_i, l_i, alpha = _pipelined_block(
-            g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
-            q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
-            s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
-    # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
-    # tile's last PV and epilogue).
-    mbarrier.arrive(q_empty.index(WG))
-    g_last = g0 + n_blocks - 1  # V_{g_last} is in slot g_last + 1, released by the next tile's first block
-    mbarrier.wait(v_ready.index((g_last + 1) % NUM_STAGES), (g_last // NUM_STAGES) & 1)
-    acc = _rescale_o(acc, alpha, LAZY_RESCALE)
-    o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index((g_last + 1) % NUM_STAGES), acc,
-                          is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(o_tok,))
+        for j in range(0, n_full):
+            acc, m_i, l_i = _serial_block(g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, q_pos,
+                                          seqlen_k, diag, qk_scale, s_zero, DB, False, BLOCK_N, NUM_STAGES, CAUSAL,
+                                          s_layout, p_layout, LAZY_RESCALE)
+        for j in range(n_full, n_blocks):
+            acc, m_i, l_i = _serial_block(g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, q_pos,
+                                          seqlen_k, diag, qk_scale, s_zero, DB, True, BLOCK_N, NUM_STAGES, CAUSAL,
+                                          s_layout, p_layout, LAZY_RESCALE)
+        mbarrier.arrive(q_empty.index(WG))
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf ----------------------
     stride_ob, stride_os, stride_oh = out_strides
@@ -562,15 +598,18 @@ def attn_fwd_ws_kernel(
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
     seqlen_q, seqlen_k, batch, num_heads, section, qk_scale,
     GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr,
-    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
-    PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False,
+    PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False, INTRA_OVERLAP: gl.constexpr = True,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
     batch*heads per L2 section (_tile_coords), TileCounter an int32 zero (tiles handed out
-    past the first grid's worth). A grid of one CTA per tile is the non-persistent kernel."""
+    past the first grid's worth). A grid of one CTA per tile is the non-persistent kernel.
+    NUM_CONSUMERS (2 or 3) 64-row consumer warpgroups make a tile of BLOCK_M query rows."""
+    gl.static_assert(NUM_CONSUMERS == 2 or (NUM_CONSUMERS == 3 and not PINGPONG), "2 consumers, or 3 without ping-pong")
+    gl.static_assert(INTRA_OVERLAP or (NUM_STAGES >= 2 and not PINGPONG), "INTRA_OVERLAP off: 2+ stages, no ping-pong")
     BLOCK_M: gl.constexpr = NUM_CONSUMERS * WG_ROWS
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
     num_bh = batch * num_heads
@@ -621,19 +660,34 @@ def attn_fwd_ws_kernel(
     bs_strides = (stride_bsb, stride_bss, stride_bsh, stride_bsg)
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
-    gl.warp_specialize([
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
-                     always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
-                     CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
-                     bs_strides, qk_scale, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
-                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
-        (_consumer, ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
-                     always_done, tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale,
-                     CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides,
-                     bs_strides, qk_scale, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
-                     OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE)),
-        (_producer, ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem,
-                     q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter,
-                     num_heads, seqlen_q, seqlen_k,
-                     CuSeqlensQ, CuSeqlensK, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    consumer = ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+                tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
+                sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale)
+    producer = ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar,
+                q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter, num_heads,
+                seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK)
+    # The default partition (the kernel's 4 warps) is consumer 0; the other consumers are 4-warp
+    # workers, the producer a 1-warp worker.
+    if NUM_CONSUMERS == 3:
+        gl.warp_specialize([
+            (_consumer, (consumer, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         INTRA_OVERLAP)),
+            (_consumer, (consumer, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         INTRA_OVERLAP)),
+            (_consumer, (consumer, 2, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         INTRA_OVERLAP)),
+            (_producer, (producer, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL, NUM_CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (consumer, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         INTRA_OVERLAP)),
+            (_consumer, (consumer, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         INTRA_OVERLAP)),
+            (_producer, (producer, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL, NUM_CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

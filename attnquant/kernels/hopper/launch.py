@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -29,8 +29,12 @@ SMEM_LIMIT = 227 * 1024 - 8 * 1024
 # K/V bytes of the heads one L2 section of the persistent schedule covers (forward._tile_coords):
 # the CTAs in flight span about two sections, and H100's L2 is 50 MB.
 L2_SECTION_BYTES = 16 << 20
-BLOCK_M = 128  # query rows per tile: the kernel's two consumer warpgroups x 64
-WG_ROWS = BLOCK_M // 2  # one consumer warpgroup's rows: the Q and output TMA blocks
+WG_ROWS = 64  # one consumer warpgroup's query rows (wgmma M): the Q and output TMA blocks
+# Per query row, the 3-consumer kernel with serial 128-key blocks took this fraction of the
+# default kernel's time on non-causal d=128 shapes whose CTAs get equal shares of whole tiles
+# (perf-notes v26): its 192-row tiles read K/V once per 3 warpgroups, whose GEMMs queue on
+# the tensor cores while the others' softmaxes run.
+SERIAL3_ROW_TIME = 0.965
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,12 @@ class WsConfig:
     pingpong: bool = False
     # one CTA per SM taking tiles as it frees up (forward._tile_coords); False: one CTA per tile
     persistent: bool = True
-    consumer_regs: int = 240
+    # 64-row consumer warpgroups per tile: 2 (FA3's 128-row tiles) or 3 (192 rows; a thread then
+    # has 160 registers: 64-key blocks, or 128 without intra-warpgroup overlap)
+    consumers: int = 2
+    # non-causal calls switch to 3 consumers with serial 128-key blocks where the wave count
+    # says it is faster (for_problem)
+    auto_consumers: bool = True
     producer_regs: int = 24
     # keep ptxas from hoisting the PV wait above the softmax (forward.py); fixes the SASS
     # schedule but measured -2%..+2% by shape (perf-notes v6), so off
@@ -52,28 +61,68 @@ class WsConfig:
     # than 2^8, and a warp whose rows all kept theirs skips O *= alpha (perf-notes v19: 2-6 %
     # faster on the d=128 shapes)
     lazy_rescale: bool = True
+    # FA3's intra-warpgroup overlap (QK^T of block j with the softmax of j - 1's PV); False: each
+    # block's GEMMs waited for in turn (forward._serial_block), for 3 consumers with 128-key blocks
+    intra_overlap: bool = True
     ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
+
+    @property
+    def block_m(self) -> int:
+        return self.consumers * WG_ROWS
+
+    def registers(self):
+        """(maxnreg at launch, consumer registers a thread): the 64K registers over 4 warps per
+        consumer and the producer's warp (padded to a warpgroup), evenly at launch; then the
+        producer's warpgroup keeps producer_regs and the consumers share the rest (240 for 2,
+        160 for 3; Triton gives the default partition, consumer 0, what the others leave)."""
+        threads = 128 * (self.consumers + 1)
+        consumer = (65536 - 128 * self.producer_regs) // (128 * self.consumers) // 8 * 8
+        return 65536 // threads // 8 * 8, min(consumer, 240)
 
 
 @functools.lru_cache(maxsize=None)
-def ws_config(head_dim: int, head_dim_v: int, block_n: Optional[int] = None) -> WsConfig:
-    """128-key blocks (64 past head dim 192; `block_n` overrides, for measurements), as many
-    K/V stages as shared memory allows (2-4); no consumer ping-pong (within noise of the
-    free-running warpgroups on the benchmark shapes: perf-notes v11, v24)."""
-    block_n = block_n or (128 if max(head_dim, head_dim_v) <= 192 else 64)
+def ws_config(head_dim: int, head_dim_v: int, block_n: Optional[int] = None, consumers: int = 2) -> WsConfig:
+    """128-key blocks (64 past head dim 192, or with 3 consumers; `block_n` overrides, for
+    measurements), as many K/V stages as shared memory allows (2-4); no consumer ping-pong
+    (within noise of the free-running warpgroups on the benchmark shapes: perf-notes v11, v24)."""
+    block_n = block_n or (128 if max(head_dim, head_dim_v) <= 192 and consumers == 2 else 64)
     for stages in (4, 3, 2):
-        if _smem_bytes(head_dim, head_dim_v, block_n, stages) <= SMEM_LIMIT:
-            return WsConfig(block_n, stages)
-    return WsConfig(block_n, 1)
+        if _smem_bytes(head_dim, head_dim_v, block_n, stages, block_m=consumers * WG_ROWS) <= SMEM_LIMIT:
+            return WsConfig(block_n, stages, consumers=consumers)
+    return WsConfig(block_n, 1, consumers=consumers)
 
 
-def _smem_bytes(d, dv, block_n, stages, elem=2):
-    return elem * (BLOCK_M * d + stages * block_n * (d + dv))
+_ws_config = ws_config  # (tests and benchmarks replace ws_config; for_problem needs the real one)
+
+
+def for_problem(cfg: WsConfig, p, causal: bool, sms: int) -> WsConfig:
+    """cfg, or three consumers with serial 128-key blocks for a non-causal batched call with head
+    dims <= 128 whose time in whole-tile waves is lower that way (cfg's other options kept): a CTA's time is its share of
+    whole tiles, ceil(tiles / SMs) of them, and a 192-row tile costs 1.5 x SERIAL3_ROW_TIME of a
+    128-row one. (The waves decide: at B=1, H=32, 8k, 11 waves of 192 rows against 16 of 128
+    read even; at H=16, 6 against 8 lose 3 %; perf-notes v26.)"""
+    d, dv = p.head_dim, p.head_dim_v
+    if (causal or p.varlen or not cfg.auto_consumers or cfg.consumers != 2 or cfg.pingpong
+            or max(d, dv) > 128):
+        return cfg
+    tiles = p.batch * p.num_heads
+
+    def wave_rows(block_m):
+        return cdiv(cdiv(max(p.max_seqlen_q, 1), block_m) * tiles, sms) * block_m
+    if wave_rows(3 * WG_ROWS) * SERIAL3_ROW_TIME >= wave_rows(2 * WG_ROWS):
+        return cfg
+    stages = _ws_config(d, dv, 128, consumers=3).num_stages
+    return replace(cfg, consumers=3, block_n=128, num_stages=stages, intra_overlap=False, auto_consumers=False)
+
+
+def _smem_bytes(d, dv, block_n, stages, elem=2, block_m=2 * WG_ROWS):
+    return elem * (block_m * d + stages * block_n * (d + dv))
 
 
 def staging_fits(d: int, dv: int, cfg: WsConfig, out_elem_bytes: int) -> bool:
-    """Room for the TMA-store epilogue's BLOCK_M x Dv output tile next to Q and the K/V ring."""
-    return _smem_bytes(d, dv, cfg.block_n, cfg.num_stages) + BLOCK_M * dv * out_elem_bytes <= SMEM_MAX
+    """Room for the TMA-store epilogue's block_m x Dv output tile next to Q and the K/V ring."""
+    return (_smem_bytes(d, dv, cfg.block_n, cfg.num_stages, block_m=cfg.block_m) + cfg.block_m * dv * out_elem_bytes
+            <= SMEM_MAX)
 
 
 def tma_store_applies(p, cfg: WsConfig, out: torch.Tensor) -> bool:
@@ -164,7 +213,7 @@ def unsupported_reason(p, causal: bool, window, softcap: float, num_splits: int,
     if not head_dims_supported(p.head_dim, dv):
         return f"head dims {p.head_dim}/{dv} are not supported (need D = 2^a [+ 2^b] >= 32, Dv = 2^c, <= 256)"
     cfg = ws_config(p.head_dim, dv)
-    if _smem_bytes(p.head_dim, dv, cfg.block_n, cfg.num_stages) > SMEM_LIMIT:
+    if _smem_bytes(p.head_dim, dv, cfg.block_n, cfg.num_stages, block_m=cfg.block_m) > SMEM_LIMIT:
         return "the tiles do not fit in shared memory"
     for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
         if not _views_ok(t, p.varlen):
@@ -217,14 +266,15 @@ def _cached_descriptor(ptr, dtype, rows, cols, row_stride, block_rows, col_block
 
 
 def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict, out_strides, lse_strides):
-    """Run the Gluon kernel: one CTA per SM (persistent) or per tile of BLOCK_M query rows."""
+    """Run the Gluon kernel: one CTA per SM (persistent) or per tile of cfg.block_m query rows."""
     from .forward import attn_fwd_ws_kernel
 
-    cfg = ws_config(p.head_dim, p.head_dim_v)
+    dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
+    cfg = for_problem(ws_config(p.head_dim, p.head_dim_v), p, causal, _num_sms(dev))
     da, db = split_head_dim(p.head_dim)
     tma_store = tma_store_applies(p, cfg, out)
-    num_tiles = cdiv(max(p.max_seqlen_q, 1), BLOCK_M) * p.batch * p.num_heads
-    dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
+    num_tiles = cdiv(max(p.max_seqlen_q, 1), cfg.block_m) * p.batch * p.num_heads
+    maxnreg, consumer_regs = cfg.registers()
     grid = min(num_tiles, _num_sms(dev)) if cfg.persistent else num_tiles
     dummy = out
     pointers = (out, lse if lse is not None else dummy, fmt.scale if fmt.scale is not None else dummy,
@@ -235,11 +285,12 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
             p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p))
     constexprs = dict(
         GROUP=p.num_heads // p.num_heads_kv, DA=da, DB=db, DV=p.head_dim_v,
-        BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, VARLEN=p.varlen, CAUSAL=causal,
+        BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, NUM_CONSUMERS=cfg.consumers, VARLEN=p.varlen, CAUSAL=causal,
         PINGPONG=cfg.pingpong, STORE_LSE=lse is not None,
         OUT_KIND=epilogue["OUT_KIND"], FP8_MAX=epilogue["FP8_MAX"], GROUP_SIZE=epilogue["GROUP_SIZE"],
-        UE8M0=epilogue["UE8M0"], TMA_STORE=tma_store, CONSUMER_REGS=cfg.consumer_regs,
-        PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale)
+        UE8M0=epilogue["UE8M0"], TMA_STORE=tma_store, CONSUMER_REGS=consumer_regs,
+        PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale,
+        INTRA_OVERLAP=cfg.intra_overlap)
     # What Triton specializes the kernel on (the descriptors: their dtype, q's, and blocks, fixed
     # by the constexprs): pointers' dtype and 16-byte alignment, ints' == 1, % 16, 32-bit range.
     key = (dev, p.q.dtype, *constexprs.values(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers],
@@ -256,7 +307,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     args = (q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, *pointers, *ints, softmax_scale * LOG2E)
     if not hit:  # Triton's JIT dispatch: binds, specializes, compiles (once), launches
         assert attn_fwd_ws_kernel.arg_names[len(args):] == list(constexprs)  # (the constexprs come last)
-        _COMPILED[key] = attn_fwd_ws_kernel[(grid,)](*args, **constexprs, num_warps=4, maxnreg=168)
+        _COMPILED[key] = attn_fwd_ws_kernel[(grid,)](*args, **constexprs, num_warps=4, maxnreg=maxnreg)
     else:  # the kernel it compiled for this key, launched directly (every parameter, in order)
         kernel[(grid, 1, 1)](*args, *constexprs.values(), stream=torch.cuda.current_stream(dev).cuda_stream)
 
