@@ -1,19 +1,19 @@
 """Hopper (sm_90a) prefill forward in Gluon: warp-specialized, TMA + wgmma.
 
-A tile is BLOCK_M = 2 x 64 query rows of one (batch, query head) against that head's KV
-head. The grid is persistent (one CTA per SM): CTAs take tiles from a global counter as
+A tile is BLOCK_M = NUM_CONSUMERS x 64 query rows (2 x 64; 3 x 64 for large non-causal
+calls, launch.for_problem) of one (batch, query head) against that head's KV head. The grid is persistent (one CTA per SM): CTAs take tiles from a global counter as
 they free up, in an order that puts the longest first and keeps the heads in flight few
 enough for their K/V to stay in L2 (_tile_coords), and the producer loads the next tile's
 Q and first K/V blocks while the consumers finish the current one. Three partitions
 (FA3's structure):
 
 - a producer warp: picks the tiles and hands their ids to the consumers (a two-entry
-  shared-memory ring); TMA loads of the two 64-row Q tiles (once per tile, when the
+  shared-memory ring); TMA loads of the 64-row Q tiles (once per tile, when the
   consumers have released the previous tile's) and of K/V blocks into a NUM_STAGES-deep
   shared-memory ring (ready mbarriers for K and V, one "empty" mbarrier per slot that the
   consumers arrive on once per block). The ring runs on across tiles: block counters
   (slots, phases) are per CTA, not per tile;
-- two consumer warpgroups (the default partition and one worker), each owning 64 of
+- NUM_CONSUMERS consumer warpgroups (the default partition and workers), each owning 64 of
   the rows: S = Q K^T and O += P V on wgmma, the online softmax in registers, and the
   output epilogue. P never leaves registers: it is the A operand of the PV wgmma.
 
@@ -21,12 +21,15 @@ Inside a consumer the loop is software-pipelined the FA3 way: the QK^T wgmma of 
 j is issued first, O's rescale for block j-1 runs under it, then the PV wgmma of block
 j-1, and the softmax of block j runs while that PV is still on the tensor cores. O's
 rescale is FA4's conditional one: the running max moves only when a block's exceeds it
-by more than 2^8, and a warp whose rows all kept theirs skips the rescale. Across the two
+by more than 2^8, and a warp whose rows all kept theirs skips the rescale. With three
+consumers the loop may instead run each block's GEMMs in turn, waiting for each
+(INTRA_OVERLAP off, _serial_block): P then dies inside the step, so 128-key blocks fit the
+160 registers a thread has, and the other two warpgroups keep the tensor cores busy. Across two
 consumers a named-barrier ping-pong (PINGPONG, off by default) makes them take turns issuing
 their QK^T, so that the two are never in lock-step (perf-notes v24: a change elsewhere can
 leave the free-running warpgroups in lock-step, their softmaxes contending for the MUFU and
 their GEMMs queued together, 10-14 % slower). Registers move from the producer (24) to the
-consumers.
+consumers (240 each with two, 160 with three).
 
 Keys are walked low to high; blocks from `n_full` on get the causal / sequence-end
 mask, the others none. Scores are in the log2 domain (softmax_scale * log2 e folded
