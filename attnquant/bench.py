@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 import triton
@@ -31,6 +32,19 @@ PREFILL = [  # name, B, Sq, Sk, H, Hkv, D, Dv, causal
     ("prefill_mha_4k", 2, 4096, 4096, 32, 32, 128, 128, True),
     ("prefill_gqa_8k", 2, 8192, 8192, 32, 4, 128, 128, True),
     ("noncausal_mha_8k", 1, 8192, 8192, 32, 32, 128, 128, False),
+]
+# Prefill shapes outside the table, run only when named in full (--power, scripts/ab_kernel.py):
+EXTRA_PREFILL = [
+    # mla's shape with one K/V head per query head (is its slow mode about every CTA streaming
+    # the same K/V?), and at d = 128 with 16 / 4 / 1 query heads per KV head
+    ("mla_4k_as_mha", 2, 4096, 4096, 16, 16, 192, 128, True),
+    ("mqa_4k_d128", 2, 4096, 4096, 16, 1, 128, 128, True),
+    ("gqa4_4k_d128", 2, 4096, 4096, 16, 4, 128, 128, True),
+    ("mha_4k_d128_h16", 2, 4096, 4096, 16, 16, 128, 128, True),
+    # non-causal shapes whose whole-tile waves differ (perf-notes v26)
+    ("noncausal_b2_8k", 2, 8192, 8192, 32, 32, 128, 128, False),
+    ("noncausal_h16_8k", 1, 8192, 8192, 16, 16, 128, 128, False),
+    ("noncausal_b4_4k", 4, 4096, 4096, 32, 32, 128, 128, False),
 ]
 DECODE = [  # name, B, Sk, H, Hkv, D
     ("decode_gqa_8k", 16, 8192, 16, 1, 128),
@@ -111,9 +125,10 @@ def _prefill_inputs(b, sq, sk, h, hkv, d, dv):
 
 
 def _prefill_cases(shapes=()):
-    """The PREFILL shapes whose names contain one of `shapes` (all when empty), one at a time, as
-    (name, q, k, v, causal, FP8 output scale, FLOPs) with fresh inputs."""
-    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL:
+    """The PREFILL shapes whose names contain one of `shapes` (all when empty) and the EXTRA_PREFILL
+    shapes named in `shapes`, one at a time, as (name, q, k, v, causal, FP8 output scale, FLOPs)
+    with fresh inputs."""
+    for name, b, sq, sk, h, hkv, d, dv, causal in PREFILL + [s for s in EXTRA_PREFILL if s[0] in shapes]:
         if shapes and not any(x in name for x in shapes):
             continue
         q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
@@ -239,8 +254,6 @@ def sweep():
 def gluon_variants():
     """The Gluon kernel with one feature changed or one stage left out (ABLATE: wrong results,
     timing only): what each part costs, on the PERF.md prefill shapes (fp8 out)."""
-    from dataclasses import replace
-
     from attnquant.kernels.hopper import launch as hopper
 
     base_config = hopper.ws_config
@@ -284,8 +297,6 @@ def config_ab(shapes=(), rounds=3, only=()):
     """Gluon tile-config options against the default, interleaved (static fp8 out): whether a
     change to the kernel's schedule is worth it, measured in one run. `shapes`: substrings of
     the PREFILL names to run, `only`: of the config labels besides the default (all when empty)."""
-    from dataclasses import replace
-
     from attnquant.kernels.hopper import launch as hopper
 
     print(f"\nconfig A/B (µs; gluon, static fp8 out; median of {rounds} interleaved rounds; ratio to default)")
@@ -326,8 +337,6 @@ def format_costs():
     """What each output format costs the Gluon kernel, with and without the consumers'
     ping-pong (which staggers the two warpgroups, so one's epilogue can run under the other's
     GEMMs): µs per (config, format), the formats interleaved over three rounds (medians)."""
-    from dataclasses import replace
-
     from attnquant.kernels.hopper import launch as hopper
 
     print("\nformat costs (µs; gluon; median of 3 interleaved rounds)")
@@ -362,20 +371,13 @@ def spread():
             print(f"  {name:<18} {label:<10} graph replay median {bench_graph(fn):6.0f}", flush=True)
 
 
-# Shapes only --power uses: mla's shape with one K/V head per query head (is its slow mode
-# about every CTA streaming the same K/V?).
-POWER_SHAPES = [("mla_4k_as_mha", 2, 4096, 4096, 16, 16, 192, 128, True),
-                # mla's shape at d = 128, with 16 / 4 / 1 query heads per KV head
-                ("mqa_4k_d128", 2, 4096, 4096, 16, 1, 128, 128, True),
-                ("gqa4_4k_d128", 2, 4096, 4096, 16, 4, 128, 128, True),
-                ("mha_4k_d128_h16", 2, 4096, 4096, 16, 16, 128, 128, True)]
 POWER_PLAN = ["prefill_mla_4k:gluon", "prefill_mla_4k:sdpa", "prefill_gqa_8k:gluon", "prefill_gqa_8k:sdpa"]
 
 
 def power_trace(plan=None, seconds=3.0):
-    """Is the spread the card's clock? Each step of `plan` ("shape:gluon|gluon64|sdpa[:pause s]",
-    a PREFILL or POWER_SHAPES name; the Gluon kernel with fp8 out — gluon64: with 64-key
-    blocks and as many stages as fit — or SDPA) runs back to back for `seconds` (after an
+    """Is the spread the card's clock? Each step of `plan` ("shape:gluon|gluon2|gluon64|sdpa[:pause s]",
+    a PREFILL or EXTRA_PREFILL name; the Gluon kernel with fp8 out — gluon2: with 2 consumers
+    whatever for_problem would pick, gluon64: with 64-key blocks and as many stages as fit — or SDPA) runs back to back for `seconds` (after an
     idle pause, if given) while nvidia-smi samples the SM clock, power draw and throttle
     reasons every 50 ms; per 250 ms window: the median launch time next to them."""
     import numpy as np
@@ -384,7 +386,7 @@ def power_trace(plan=None, seconds=3.0):
 
     base_config = hopper.ws_config
     fields = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active,clocks.mem"
-    shapes = {s[0]: s for s in PREFILL + POWER_SHAPES}
+    shapes = {s[0]: s for s in PREFILL + EXTRA_PREFILL}
     print("\npower trace (per 250 ms window: median µs per launch | SM MHz | W | °C | throttle reasons | mem MHz)")
     for step in plan or POWER_PLAN:
         name, kind, *pause = step.split(":")
@@ -393,6 +395,8 @@ def power_trace(plan=None, seconds=3.0):
         scale = torch.tensor(0.02, device="cuda")
         if kind.startswith("gluon"):  # "gluon64": 64-key blocks, as many stages as fit
             config = hopper.ws_config(d, dv, block_n=64 if kind == "gluon64" else None)
+            if kind == "gluon2":
+                config = replace(config, auto_consumers=False)
             hopper.ws_config = lambda d_, dv_, cfg=config: cfg
             fn = _gluon_fp8(q, k, v, causal, scale)
         else:
