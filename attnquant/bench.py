@@ -375,10 +375,10 @@ POWER_PLAN = ["prefill_mla_4k:gluon", "prefill_mla_4k:sdpa", "prefill_gqa_8k:glu
 
 
 def power_trace(plan=None, seconds=3.0):
-    """Is the spread the card's clock? Each step of `plan` ("shape:gluon|gluon2|gluon64|sdpa[:pause s]",
-    a PREFILL or EXTRA_PREFILL name; the Gluon kernel with fp8 out — gluon2: with 2 consumers
-    whatever for_problem would pick, gluon64: with 64-key blocks and as many stages as fit — or SDPA) runs back to back for `seconds` (after an
-    idle pause, if given) while nvidia-smi samples the SM clock, power draw and throttle
+    """Is the spread the card's clock? Each step of `plan` ("shape:gluon|gluon2|gluon64|sdpa[:pause
+    s]", a PREFILL or EXTRA_PREFILL name; the Gluon kernel with fp8 out — gluon2: two consumers
+    whatever launch.for_problem would pick, gluon64: 64-key blocks and as many stages as fit — or
+    SDPA) runs back to back for `seconds` (after an idle pause, if given) while nvidia-smi samples the SM clock, power draw and throttle
     reasons every 50 ms; per 250 ms window: the median launch time next to them."""
     import numpy as np
 

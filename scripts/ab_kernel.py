@@ -6,12 +6,12 @@
     python3 scripts/ab_kernel.py scratch/forward_base.py scratch/forward_base.py:pingpong=1 current:pingpong=1
 
 Times static-FP8 output on the PREFILL shapes whose names contain a SHAPE (all by default) and
-the bench.EXTRA_PREFILL shapes named in full,
-the versions in turn over 5 rounds (the first is the base; the working tree's kernel is
-"current", always timed); prints medians and each version / base. A version may name WsConfig
-options to run with (`:option=N[:...]`; on non-causal shapes the launcher may switch to three
-consumers, launch.for_problem: `:auto_consumers=0` keeps two). The files must keep the kernel's signature (launch.py
-passes the same arguments)."""
+the bench.EXTRA_PREFILL shapes named in full, the versions in turn over 5 rounds (the first is
+the base; the working tree's kernel is "current", always timed); prints medians and each
+version / base. A version may name WsConfig options to run with (`:option=N[:...]`; on
+non-causal shapes the launcher may switch to three consumers, launch.for_problem:
+`:auto_consumers=0` keeps two). The files must keep the kernel's signature (launch.py passes
+the same arguments)."""
 
 import importlib.util
 import sys

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import tempfile
-
 from dataclasses import replace
 
 import triton
@@ -70,7 +69,8 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
                   pingpong=None, tma_store=True, lazy_rescale=None, **config):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
     as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
-    staging buffer fits, as in launch.tma_store_applies)."""
+    staging buffer fits, as in launch.tma_store_applies); `config`: WsConfig fields to change
+    (consumers=3 starts from the 3-consumer config ws_config picks)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 

@@ -670,7 +670,9 @@ def attn_fwd_ws_kernel(
                 q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter, num_heads,
                 seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK)
     # The default partition (the kernel's 4 warps) is consumer 0; the other consumers are 4-warp
-    # workers, the producer a 1-warp worker.
+    # workers, the producer a 1-warp worker. (Two spelled-out lists: a list built by `+` or from
+    # a tuple held in a variable reaches the partitions with its constexprs as plain ints or
+    # tensors in Gluon 3.6.)
     if NUM_CONSUMERS == 3:
         gl.warp_specialize([
             (_consumer, (consumer, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,

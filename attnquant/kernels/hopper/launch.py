@@ -96,11 +96,11 @@ _ws_config = ws_config  # (tests and benchmarks replace ws_config; for_problem n
 
 
 def for_problem(cfg: WsConfig, p, causal: bool, sms: int) -> WsConfig:
-    """cfg, or three consumers with serial 128-key blocks for a non-causal batched call with head
-    dims <= 128 whose time in whole-tile waves is lower that way (cfg's other options kept): a CTA's time is its share of
-    whole tiles, ceil(tiles / SMs) of them, and a 192-row tile costs 1.5 x SERIAL3_ROW_TIME of a
-    128-row one. (The waves decide: at B=1, H=32, 8k, 11 waves of 192 rows against 16 of 128
-    read even; at H=16, 6 against 8 lose 3 %; perf-notes v26.)"""
+    """cfg, or three consumers with serial 128-key blocks (cfg's other options kept) for a
+    non-causal batched call with head dims <= 128 whose time in whole-tile waves is lower that
+    way: a CTA's time is its share of whole tiles, ceil(tiles / SMs) of them, and a 192-row tile
+    costs 1.5 x SERIAL3_ROW_TIME of a 128-row one. (The waves decide: at B=1, H=32, 8k, 11 waves
+    of 192 rows against 16 of 128 read even; at H=16, 6 against 8 lose 3 %; perf-notes v26.)"""
     d, dv = p.head_dim, p.head_dim_v
     if (causal or p.varlen or not cfg.auto_consumers or cfg.consumers != 2 or cfg.pingpong
             or max(d, dv) > 128):
@@ -111,6 +111,12 @@ def for_problem(cfg: WsConfig, p, causal: bool, sms: int) -> WsConfig:
         return cdiv(cdiv(max(p.max_seqlen_q, 1), block_m) * tiles, sms) * block_m
     if wave_rows(3 * WG_ROWS) * SERIAL3_ROW_TIME >= wave_rows(2 * WG_ROWS):
         return cfg
+    return _serial3(cfg, d, dv)
+
+
+@functools.lru_cache(maxsize=None)
+def _serial3(cfg: WsConfig, d: int, dv: int) -> WsConfig:
+    """cfg with 3 consumers and serial 128-key blocks (cached: launch runs on every eager call)."""
     stages = _ws_config(d, dv, 128, consumers=3).num_stages
     return replace(cfg, consumers=3, block_n=128, num_stages=stages, intra_overlap=False, auto_consumers=False)
 
