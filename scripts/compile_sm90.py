@@ -66,7 +66,7 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
-                  pingpong=None, tma_store=True, lazy_rescale=None, **config):
+                  pingpong=None, tma_store=True, lazy_rescale=None, split_tail=False, **config):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
     as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
     staging buffer fits, as in launch.tma_store_applies); `config`: WsConfig fields to change
@@ -89,12 +89,12 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
              GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.registers()[1],
              PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence,
-             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap)
+             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=split_tail)
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
             "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": "*fp8e4nv" if kind == 3 else "*fp32", "CuSeqlensQ": "*i32",
-            "CuSeqlensK": "*i32", "TileCounter": "*i32"}
+            "CuSeqlensK": "*i32", "TileCounter": "*i32", "Partials": "*fp32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
     return src, dict(num_warps=4, maxnreg=cfg.registers()[0])
 
@@ -130,6 +130,10 @@ VARIANTS = {
     "gluon d192-128 mqa, 3 consumers x 64 rows, fp8 out": gluon_variant(d=192, group=16, consumers=3),
     "gluon d128 non-causal, 3 consumers, serial 128-key blocks, fp8 out": gluon_variant(
         causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False),
+    "gluon d128 non-causal, 3 consumers, serial, last wave split, fp8 out": gluon_variant(
+        causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False, split_tail=True),
+    "gluon d192-128 mqa non-causal, last wave split, group fp8 (G=64)": gluon_variant(
+        kind=2, group_size=64, d=192, group=16, causal=False, split_tail=True),
 }
 
 
@@ -142,8 +146,10 @@ def ptxas_report(ptx: str) -> str:
                       if "registers" in line or "spill" in line or "serialized" in line)
 
 
-def wgmma_loop_spills(cubin: bytes) -> int:
-    """Local-memory loads/stores (spills) inside the innermost loops that issue wgmmas (SASS).
+def wgmma_loop_spills(cubin: bytes):
+    """Local-memory loads/stores (spills) inside the innermost loops that issue wgmmas (SASS):
+    (in the unmasked loops, in the masked ones). The masked loops (the causal diagonal, the
+    ragged end of the keys) are told by their mask, 32 or more FSELs of -inf.
 
     The persistent Gluon kernel keeps a few kernel-wide values (strides, schedule scalars)
     on the stack across the warpgroups' register reallocation and reloads them once per
@@ -161,7 +167,12 @@ def wgmma_loop_spills(cubin: bytes) -> int:
     with_mma = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and "HGMMA" in i for a, i in code)]
     innermost = [(lo, hi) for lo, hi in with_mma
                  if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in with_mma)]
-    return sum(1 for lo, hi in innermost for a, i in code if lo <= a <= hi and re.match(r"\s*(@\S+\s+)?(LDL|STL)", i))
+    spills = [0, 0]
+    for lo, hi in innermost:
+        body = [i for a, i in code if lo <= a <= hi]
+        masked = sum(1 for i in body if i.startswith("FSEL") and "-INF" in i) >= 32
+        spills[masked] += sum(1 for i in body if re.match(r"\s*(@\S+\s+)?(LDL|STL)", i))
+    return tuple(spills)
 
 
 def main(names=None):
@@ -172,7 +183,10 @@ def main(names=None):
             continue
         k = triton.compile(src, target=TARGET, options=opts)
         assert k.asm["cubin"], name
-        extra = f" | wgmma-loop spills {wgmma_loop_spills(k.asm['cubin'])}" if name.startswith("gluon") else ""
+        extra = ""
+        if name.startswith("gluon"):
+            unmasked, masked = wgmma_loop_spills(k.asm["cubin"])
+            extra = f" | wgmma-loop spills {unmasked}, masked-loop spills {masked}"
         print(f"{name:<45} smem {k.metadata.shared:6d} B  {ptxas_report(k.asm['ptx'])}{extra}", flush=True)
 
 

@@ -190,11 +190,15 @@ def test_for_problem_rule():
     132 SMs); causal, varlen, d=192, ping-pong and configs that opt out keep theirs."""
     def pick(b, h, s, causal=False, d=128, varlen=False, **options):
         cfg = replace(hopper.ws_config(d, 128), **options)
-        p = SimpleNamespace(head_dim=d, head_dim_v=128, varlen=varlen, batch=b, num_heads=h, max_seqlen_q=s)
+        p = SimpleNamespace(head_dim=d, head_dim_v=128, varlen=varlen, batch=b, num_heads=h, max_seqlen_q=s,
+                            max_seqlen_k=s)
         return hopper.for_problem(cfg, p, causal, 132)
     three = pick(2, 32, 8192)
     assert (three.consumers, three.block_n, three.intra_overlap, three.block_m) == (3, 128, False, 192)
-    assert [pick(1, 32, 8192).consumers, pick(1, 16, 8192).consumers, pick(4, 32, 4096).consumers] == [3, 2, 3]
+    # B1 H16 8k: 5 1/4 waves of 192 rows (the last wave's 28 tiles split in 4) against 8 of 128;
+    # without the split, 6 against 8 (3 % slower, measured)
+    assert [pick(1, 32, 8192).consumers, pick(1, 16, 8192).consumers, pick(4, 32, 4096).consumers] == [3, 3, 3]
+    assert pick(1, 16, 8192, split_tail=False).consumers == 2
     base = hopper.ws_config(128, 128)
     assert pick(2, 32, 8192, causal=True) == base
     assert pick(2, 32, 8192, varlen=True) == base
@@ -204,10 +208,53 @@ def test_for_problem_rule():
     assert pick(2, 32, 8192, lazy_rescale=False).lazy_rescale is False  # (the other options carry over)
 
 
+def test_tail_split_rule():
+    """The last wave's tiles are cut into as many parts as fit the CTAs that wave leaves idle
+    (at most MAX_SPLIT, at most one key block a part); whole waves are never split."""
+    assert hopper.tail_split(1376, 132, 64) == (1320, 2)  # B1 H32 8k, 192-row tiles: 56 tiles left
+    assert hopper.tail_split(2048, 132, 64) == (2048, 1)  # 68 left: no room for 2 parts each
+    assert hopper.tail_split(688, 132, 64) == (660, 4)
+    assert hopper.tail_split(1320, 132, 64) == (1320, 1)  # whole waves
+    assert hopper.tail_split(20, 132, 6) == (0, 6)  # one partial wave: every tile split, by its 6 blocks
+    assert hopper.tail_split(10, 132, 64) == (0, hopper.MAX_SPLIT)
+    assert hopper.tail_split(5, 132, 1) == (5, 1)
+    assert hopper.waves(1376, 132, 64) == 10.5 and hopper.waves(2048, 132, 64) == 16
+    assert hopper.waves(1376, 132, 1) == 11 and hopper.waves(1320, 132, 64) == 10
+
+
+@needs_gluon
+@pytest.mark.parametrize("consumers,ctas,parts", [(2, 8, 2), (2, 9, 4), (2, 40, 2), (3, 5, 5), (3, 7, 3)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
+def test_split_tail(monkeypatch, dims, consumers, ctas, parts):
+    """Non-causal: the last wave's tiles run as `parts` units over shares of the keys, and each
+    tile's last part merges the others' partial results (B1, H4, Sq 600 / Sk 700 on `ctas` CTAs:
+    20 tiles of 128 rows or 16 of 192; 40 CTAs: every tile split). Two calls, so that the second
+    reads a workspace that may hold the first's partials; the output starts as NaN."""
+    (d, dv), dtype = dims, DTYPES[0]
+    base = hopper.ws_config
+    if consumers == 3:
+        cfg = replace(base(d, dv, 128 if d <= 128 else 64, consumers=3), intra_overlap=False)
+    else:  # (for_problem would weigh, and record, the 3-consumer split too)
+        cfg = replace(base(d, dv), auto_consumers=False)
+    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: cfg)
+    _small_grid(monkeypatch, ctas, 1, 700, d, dv, dtype)
+    splits = []
+    real = hopper.tail_split
+    monkeypatch.setattr(hopper, "tail_split", lambda *a: splits.append(real(*a)) or splits[-1])
+    for kind in (torch.float8_e4m3fn, "group_ue8m0"):
+        q, k, v = randn(1, 600, 4, d, dtype=dtype), randn(1, 700, 2, d, dtype=dtype), randn(1, 700, 2, dv, dtype=dtype)
+        out = torch.full((1, 600, 4, dv), float("nan"), device=DEVICE).to(torch.float8_e4m3fn)  # (a row not written fails)
+        _check(q, k, v, False, kind, out=out)
+    tiles = 4 * (5 if consumers == 2 else 4)
+    assert splits == [(tiles - tiles % ctas, parts)] * 2
+
+
 @needs_gluon
 def test_noncausal_takes_three_consumers(monkeypatch):
     """The launcher's own choice (for_problem, here on 7 CTAs: 48 tiles of 192 rows in 7 waves
-    against 72 of 128 in 11) runs and matches the reference."""
+    against 72 of 128 in 10 1/3, the last wave's two tiles split in 3) runs and matches the
+    reference."""
     dtype, d = DTYPES[0], 128
     _small_grid(monkeypatch, 7, 1, 1100, d, d, dtype)
     used = []

@@ -108,6 +108,32 @@ def _tile_coords(t, num_m, num_bh, section):
 
 
 @gluon.jit
+def _tile_work(unit, split_from, split_parts, SPLIT_TAIL: gl.constexpr):
+    """Work unit `unit` of the schedule: (tile, part, parts, split index). Units below split_from
+    are whole tiles (part 0 of 1); with SPLIT_TAIL each tile from split_from on (the last wave's,
+    on a grid whose tiles all cost the same) comes as split_parts consecutive units, part p
+    walking the p-th share of its key blocks (_key_range), and split index = tile - split_from."""
+    if SPLIT_TAIL:
+        s = gl.maximum(unit - split_from, 0)
+        idx = s // split_parts
+        return unit - s + idx, s - idx * split_parts, gl.where(unit < split_from, 1, split_parts), idx
+    else:
+        return unit, 0, 1, 0
+
+
+@gluon.jit
+def _key_range(part, parts, n_blocks, n_full, SPLIT_TAIL: gl.constexpr):
+    """Key blocks [j_lo, j_hi) of the tile's [0, n_blocks) that part `part` of `parts` walks, and
+    n_full clamped into that range (blocks below it unmasked)."""
+    if SPLIT_TAIL:
+        j_lo = part * n_blocks // parts
+        j_hi = (part + 1) * n_blocks // parts
+        return j_lo, j_hi, gl.minimum(gl.maximum(n_full, j_lo), j_hi)
+    else:
+        return 0, n_blocks, n_full
+
+
+@gluon.jit
 def _publish_tile(tile_ids, tile_full, tile_empty, tile, i):
     """Producer: hand tile id `tile` (the i-th of this CTA; >= num_tiles: stop) to the consumers."""
     slot = i % 2
@@ -118,10 +144,24 @@ def _publish_tile(tile_ids, tile_full, tile_empty, tile, i):
 
 
 @gluon.jit
-def _read_tile(tile_ids, tile_full, tile_empty, i):
-    """Consumer: the i-th tile id the producer published."""
+def _read_tile(tile_ids, tile_full, tile_empty, i, RELEASE: gl.constexpr = True):
+    """Consumer: the i-th tile id the producer published; RELEASE: free its entry (else
+    _reread_tile does)."""
     slot = i % 2
     mbarrier.wait(tile_full.index(slot), (i // 2) & 1)
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    tile = gl.max(tile_ids.index(slot).load(layout), 0)
+    if RELEASE:
+        mbarrier.arrive(tile_empty.index(slot))
+    return tile
+
+
+@gluon.jit
+def _reread_tile(tile_ids, tile_empty, i):
+    """Consumer: the i-th tile id again (read by _read_tile without RELEASE), and its entry freed.
+    A split unit's part and slot come from it after the key loop: recomputed, not kept in
+    registers through the loop (ptxas spilled in the masked loop)."""
+    slot = i % 2
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     tile = gl.max(tile_ids.index(slot).load(layout), 0)
     mbarrier.arrive(tile_empty.index(slot))
@@ -175,7 +215,8 @@ def _load_split(desc_a, desc_b, row, col, bar, smem_a, smem_b, DA: gl.constexpr,
 
 @gluon.jit
 def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr, BLOCK_N: gl.constexpr,
-              NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+              NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+              SPLIT_TAIL: gl.constexpr):
     """One warp. Picks the CTA's tiles (its program id first, then one from the shared
     counter each time it has issued a tile's loads: dynamic, longest first) and publishes
     them to the consumers. Per tile: Q once (when the consumers have released the last
@@ -187,17 +228,19 @@ def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV:
     q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
     q_smem, qb_smem = qs
     k_smem, kb_smem = ks
-    pid, nprog, num_tiles, num_m, num_bh, section = sched
+    pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
     g = 0  # key blocks loaded so far
-    i = 0  # tiles published (and loaded) so far
-    tile = pid
-    while tile < num_tiles:
+    i = 0  # units published (and loaded) so far
+    unit = pid
+    while unit < num_units:
+        tile, part, parts, split_idx = _tile_work(unit, split_from, split_parts, SPLIT_TAIL)
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
             pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, NUM_CONSUMERS * WG_ROWS, BLOCK_N, VARLEN,
             CAUSAL)
+        j_lo, j_hi, n_full = _key_range(part, parts, n_blocks, n_full, SPLIT_TAIL)
         if m0 < sq:  # (varlen: a tile past its sequence's end has no rows and is not published)
-            _publish_tile(tile_ids, tile_full, tile_empty, tile, i)
+            _publish_tile(tile_ids, tile_full, tile_empty, unit, i)
             q_col = h * (DA + DB)
             kv_col = (h // GROUP) * (DA + DB)
             v_col = (h // GROUP) * DV
@@ -211,8 +254,8 @@ def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV:
             # consumers' one release per block, kv_empty[g % NUM_STAGES] after block g, frees
             # K_g and V_{g-1} together (Gluon's arrive costs a warpgroup bar.sync: ncu counted
             # barrier stalls as a third of the consumers' stall cycles with two per block).
-            for j in range(n_blocks):
-                gj = g + j
+            for j in range(j_lo, j_hi):
+                gj = g + j - j_lo
                 slot = gj % NUM_STAGES
                 mbarrier.wait(kv_empty.index(slot), ((gj // NUM_STAGES) & 1) ^ 1)  # K_{g-S} released
                 _load_split(k_desc, kb_desc, k_row + j * BLOCK_N, kv_col, k_ready.index(slot), k_smem.index(slot),
@@ -222,10 +265,10 @@ def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV:
                 mbarrier.expect(v_ready.index(v_slot), v_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, v_col], v_ready.index(v_slot),
                                                 v_smem.index(v_slot))
-            g += n_blocks
+            g += j_hi - j_lo
             i += 1
-        tile = nprog + gl.atomic_add(TileCounter, 1)
-    _publish_tile(tile_ids, tile_full, tile_empty, tile, i)  # no more tiles
+        unit = nprog + gl.atomic_add(TileCounter, 1)
+    _publish_tile(tile_ids, tile_full, tile_empty, unit, i)  # no more tiles
 
 
 @gluon.jit
@@ -389,32 +432,54 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
               NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
               STORE_LSE: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr,
               UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-              LAZY_RESCALE: gl.constexpr, NUM_CONSUMERS: gl.constexpr, INTRA_OVERLAP: gl.constexpr):
-    """One warpgroup: rows WG*64 .. +64 of each tile the producer publishes. `args`: the buffers,
+              LAZY_RESCALE: gl.constexpr, NUM_CONSUMERS: gl.constexpr, INTRA_OVERLAP: gl.constexpr,
+              SPLIT_TAIL: gl.constexpr):
+    """One warpgroup: rows WG*64 .. +64 of each unit the producer publishes. `args`: the buffers,
     barriers and scalars every consumer gets (constexprs cannot ride in a tuple built in the
     kernel: Gluon 3.6 turns them into tensors)."""
     (qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
-     o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, sched, num_heads, seqlen_q, seqlen_k,
-     out_strides, lse_strides, bs_strides, qk_scale) = args
-    pid, nprog, num_tiles, num_m, num_bh, section = sched
+     o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, Partials, SplitFlags, sched, num_heads,
+     seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale) = args
+    pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
     g = 0  # key blocks consumed so far (the producer's ring counter)
-    i = 0  # tiles done
+    i = 0  # units done
     if PINGPONG and WG == 1:  # warpgroup 0 issues first
         _named_barrier(PINGPONG_BARRIER0, True)
-    tile = _read_tile(tile_ids, tile_full, tile_empty, i)
-    while tile < num_tiles:
+    unit = _read_tile(tile_ids, tile_full, tile_empty, i, not SPLIT_TAIL)
+    while unit < num_units:
+        tile, part, parts, split_idx = _tile_work(unit, split_from, split_parts, SPLIT_TAIL)
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
         b, h, q_tok0, q_row, k_row, sq, sk, m0, n_blocks, n_full = _tile_extent(
             pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, NUM_CONSUMERS * WG_ROWS, BLOCK_N, VARLEN,
             CAUSAL)
-        _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
-                       Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq, sk, n_blocks, n_full, g, i,
-                       out_strides, lse_strides, bs_strides, qk_scale,
-                       WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND, FP8_MAX,
-                       GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, INTRA_OVERLAP)
-        g += n_blocks
+        j_lo, j_hi, n_full = _key_range(part, parts, n_blocks, n_full, SPLIT_TAIL)
+        acc, m_i, l_i = _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+                                       m0, sk, sq, j_lo, j_hi, n_full, g, i, qk_scale,
+                                       WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, ABLATE, PV_FENCE,
+                                       LAZY_RESCALE, INTRA_OVERLAP)
+        epilogue = (o_desc, o_smem, Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq,
+                    out_strides, lse_strides, bs_strides)
+        if SPLIT_TAIL:
+            # The last part of a split tile merges the other parts' partial results and writes the
+            # output (a whole tile is part 0 of 1: nothing to merge); the parts before it leave
+            # theirs in Partials. (The last part is handed out after the others, which are running
+            # or done by then: its wait always ends.)
+            tile, part, parts, split_idx = _tile_work(_reread_tile(tile_ids, tile_empty, i), split_from,
+                                                      split_parts, SPLIT_TAIL)
+            slot0 = split_idx * (split_parts - 1) * NUM_CONSUMERS + WG
+            if part + 1 == parts:
+                acc, m_i, l_i = _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, parts - 1, DV,
+                                                NUM_CONSUMERS)
+                _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+                               TMA_STORE)
+            else:
+                _store_partial(acc, m_i, l_i, Partials, SplitFlags, slot0 + part * NUM_CONSUMERS, DV)
+        else:
+            _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+                           TMA_STORE)
+        g += j_hi - j_lo
         i += 1
-        tile = _read_tile(tile_ids, tile_full, tile_empty, i)
+        unit = _read_tile(tile_ids, tile_full, tile_empty, i, not SPLIT_TAIL)
     if PINGPONG and WG == 0:  # warpgroup 1's last arrive: every arrive meets a sync
         _named_barrier(PINGPONG_BARRIER0, False)
     if TMA_STORE:  # the shared memory of the last output tile stays alive until its store has read it
@@ -422,15 +487,14 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
 
 
 @gluon.jit
-def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, o_desc, o_smem,
-                   Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, q_pos0, seqlen_q, seqlen_k, n_blocks, n_full,
-                   g0, tile_idx, out_strides, lse_strides, bs_strides, qk_scale,
+def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+                   q_pos0, seqlen_k, seqlen_q, j_lo, j_hi, n_full, g0, tile_idx, qk_scale,
                    WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
-                   NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
-                   OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-                   TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
-                   LAZY_RESCALE: gl.constexpr, INTRA_OVERLAP: gl.constexpr):
-    """One warpgroup's 64 rows of one tile: all its key blocks (ring blocks g0 ..), then the epilogue."""
+                   NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                   ABLATE: gl.constexpr, PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr,
+                   INTRA_OVERLAP: gl.constexpr):
+    """One warpgroup's 64 rows of one unit: key blocks [j_lo, j_hi) of its tile (ring blocks g0 ..).
+    Returns (O unnormalized, running max in log2 units, row sum)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -445,10 +509,11 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([WG_ROWS], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([WG_ROWS, DV], gl.float32, o_layout)
+    gb = g0 - j_lo  # ring block of key block j: gb + j
 
     mbarrier.wait(q_bar.index(WG), tile_idx & 1)
     if INTRA_OVERLAP:
-        # Block 0: S_0, its softmax; its PV waits for the loop (pipelined one block behind).
+        # Block j_lo: S, its softmax; its PV waits for the loop (pipelined one block behind).
         slot0 = g0 % NUM_STAGES
         mbarrier.wait(k_ready.index(slot0), (g0 // NUM_STAGES) & 1)
         if PINGPONG:
@@ -457,47 +522,108 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
         if PINGPONG:
             _named_barrier(PINGPONG_BARRIER0 + 1 - WG, True)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
-        # K_g0, and V_{g0-1} in the same slot: the previous tile's last block, whose PV is done
+        # K_g0, and V_{g0-1} in the same slot: the previous unit's last block, whose PV is done
         mbarrier.arrive(kv_empty.index(slot0))
-        if n_full > 0:
-            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+        if j_lo < n_full:
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j_lo, q_pos, seqlen_k, diag, qk_scale,
                                                False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
         else:
-            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, q_pos, seqlen_k, diag, qk_scale,
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j_lo, q_pos, seqlen_k, diag, qk_scale,
                                                True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
         # Two loops, not one with a branch: the masked one's column indices stay out of the
         # unmasked loop's registers (in one loop ptxas kept them live and spilled).
-        for j in range(1, n_full):
+        for j in range(j_lo + 1, n_full):
             acc, p, m_i, l_i, alpha = _pipelined_block(
-                g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+                gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
                 q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, False, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
                 s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
-        for j in range(gl.maximum(n_full, 1), n_blocks):
+        for j in range(gl.maximum(n_full, j_lo + 1), j_hi):
             acc, p, m_i, l_i, alpha = _pipelined_block(
-                g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+                gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
                 q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG,
                 s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
-        # Every QK^T of the tile is done: the producer may load the next tile's Q (under this
-        # tile's last PV and epilogue).
+        # Every QK^T of the unit is done: the producer may load the next unit's Q (under this
+        # unit's last PV and epilogue).
         mbarrier.arrive(q_empty.index(WG))
-        g_last = g0 + n_blocks - 1  # V_{g_last} is in slot g_last + 1, released by the next tile's first block
+        g_last = gb + j_hi - 1  # V_{g_last} is in slot g_last + 1, released by the next unit's first block
         mbarrier.wait(v_ready.index((g_last + 1) % NUM_STAGES), (g_last // NUM_STAGES) & 1)
         acc = _rescale_o(acc, alpha, LAZY_RESCALE)
         o_tok = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index((g_last + 1) % NUM_STAGES), acc,
                               is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
     else:
-        for j in range(0, n_full):
-            acc, m_i, l_i = _serial_block(g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, q_pos,
+        for j in range(j_lo, n_full):
+            acc, m_i, l_i = _serial_block(gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, q_pos,
                                           seqlen_k, diag, qk_scale, s_zero, DB, False, BLOCK_N, NUM_STAGES, CAUSAL,
                                           s_layout, p_layout, LAZY_RESCALE)
-        for j in range(n_full, n_blocks):
-            acc, m_i, l_i = _serial_block(g0 + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, q_pos,
+        for j in range(n_full, j_hi):
+            acc, m_i, l_i = _serial_block(gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, q_pos,
                                           seqlen_k, diag, qk_scale, s_zero, DB, True, BLOCK_N, NUM_STAGES, CAUSAL,
                                           s_layout, p_layout, LAZY_RESCALE)
         mbarrier.arrive(q_empty.index(WG))
+    return acc, m_i, l_i
 
-    # ---- epilogue: a row that saw no key writes 0 and LSE -inf ----------------------
+
+@gluon.jit
+def _partial_offsets(acc, m_i, DV: gl.constexpr):
+    """Offsets of a partial result inside its slot of WG_ROWS * (DV + 2) floats: O's rows, then
+    the running maxima, then the row sums."""
+    o_layout: gl.constexpr = acc.type.layout
+    rows = gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
+    r = gl.arange(0, WG_ROWS, layout=m_i.type.layout)
+    return rows[:, None] * DV + cols[None, :], WG_ROWS * DV + r
+
+
+@gluon.jit
+def _store_partial(acc, m_i, l_i, Partials, SplitFlags, slot, DV: gl.constexpr):
+    """A split tile's part before the last: its (O unnormalized, max, sum) into slot `slot` of
+    Partials, then SplitFlags[slot] = 1 (release: after every thread's stores)."""
+    o_off, ml_off = _partial_offsets(acc, m_i, DV)
+    base = Partials + slot.to(gl.int64) * (WG_ROWS * (DV + 2))
+    gl.store(base + o_off, acc)
+    gl.store(base + ml_off, m_i)
+    gl.store(base + ml_off + WG_ROWS, l_i)
+    gl.thread_barrier()  # the warpgroup's stores, ordered before the release
+    gl.atomic_xchg(SplitFlags + slot, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, n_parts, DV: gl.constexpr,
+                    NUM_CONSUMERS: gl.constexpr):
+    """The last part of a split tile: fold in the n_parts partial results in slots slot0,
+    slot0 + NUM_CONSUMERS, .. once each is flagged (acquire; the loads bypass L1, which may hold
+    a previous call's lines of the workspace)."""
+    o_off, ml_off = _partial_offsets(acc, m_i, DV)
+    for p in range(n_parts):
+        slot = slot0 + p * NUM_CONSUMERS
+        while gl.atomic_add(SplitFlags + slot, 0, sem="acquire", scope="gpu") == 0:
+            pass
+        base = Partials + slot.to(gl.int64) * (WG_ROWS * (DV + 2))
+        m_p = gl.load(base + ml_off, cache_modifier=".cg")
+        l_p = gl.load(base + ml_off + WG_ROWS, cache_modifier=".cg")
+        m_new = gl.maximum(m_i, m_p)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        a_own = gl.exp2(m_i - m_use)
+        a_p = gl.exp2(m_p - m_use)
+        o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+        acc = (acc * gl.convert_layout(a_own, o_rows)[:, None]
+               + gl.load(base + o_off, cache_modifier=".cg") * gl.convert_layout(a_p, o_rows)[:, None])
+        l_i = l_i * a_own + l_p * a_p
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _tile_epilogue(acc, m_i, l_i, epilogue, WG: gl.constexpr, DV: gl.constexpr, STORE_LSE: gl.constexpr,
+                   OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
+                   TMA_STORE: gl.constexpr):
+    """One warpgroup's 64 rows of a tile out: O / rowsum in the output format, and the LSE. A
+    row that saw no key writes 0 and LSE -inf."""
+    (o_desc, o_smem, Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, q_pos0, seqlen_q,
+     out_strides, lse_strides, bs_strides) = epilogue
+    o_layout: gl.constexpr = acc.type.layout
+    s_rows: gl.constexpr = m_i.type.layout
     stride_ob, stride_os, stride_oh = out_strides
     stride_lb, stride_lh, stride_ls = lse_strides
     stride_bsb, stride_bss, stride_bsh, stride_bsg = bs_strides
@@ -516,7 +642,7 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
     if STORE_LSE:
         lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + tok0 * stride_ls
         lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-        lrows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
+        lrows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=s_rows)
         gl.store(Lse + lse_row0 + lrows.to(gl.int64) * stride_ls, lse, mask=q_pos0 + lrows < seqlen_q)
 
 
@@ -594,29 +720,36 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
             gl.store(ptrs, o, mask=mask)
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section"])
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section", "split_from", "split_parts"])
 def attn_fwd_ws_kernel(
     q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
-    stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+    Partials, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
-    seqlen_q, seqlen_k, batch, num_heads, section, qk_scale,
+    seqlen_q, seqlen_k, batch, num_heads, section, split_from, split_parts, qk_scale,
     GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr,
     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
     PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False, INTRA_OVERLAP: gl.constexpr = True,
+    SPLIT_TAIL: gl.constexpr = False,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
-    batch*heads per L2 section (_tile_coords), TileCounter an int32 zero (tiles handed out
-    past the first grid's worth). A grid of one CTA per tile is the non-persistent kernel.
-    NUM_CONSUMERS (2 or 3) 64-row consumer warpgroups make a tile of BLOCK_M query rows."""
+    batch*heads per L2 section (_tile_coords), TileCounter int32 zeros: [0] counts the units
+    handed out past the first grid's worth, [1 + slot] flags a partial result. A grid of one CTA
+    per tile is the non-persistent kernel. NUM_CONSUMERS (2 or 3) 64-row consumer warpgroups make
+    a tile of BLOCK_M query rows. SPLIT_TAIL: the tiles from split_from on run as split_parts
+    units each, over shares of the keys (_tile_work), merged through Partials (fp32, a slot of
+    64 x (DV + 2) per warpgroup and part before the last)."""
     gl.static_assert(NUM_CONSUMERS == 2 or (NUM_CONSUMERS == 3 and not PINGPONG), "2 consumers, or 3 without ping-pong")
     gl.static_assert(INTRA_OVERLAP or (NUM_STAGES >= 2 and not PINGPONG), "INTRA_OVERLAP off: 2+ stages, no ping-pong")
     BLOCK_M: gl.constexpr = NUM_CONSUMERS * WG_ROWS
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
     num_bh = batch * num_heads
-    sched = (gl.program_id(0), gl.num_programs(0), num_m * num_bh, num_m, num_bh, section)
+    num_units = num_m * num_bh
+    if SPLIT_TAIL:
+        num_units += (num_units - split_from) * (split_parts - 1)
+    sched = (gl.program_id(0), gl.num_programs(0), num_units, num_m, num_bh, section, split_from, split_parts)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -665,7 +798,7 @@ def attn_fwd_ws_kernel(
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     consumer = ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
                 tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
-                sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale)
+                Partials, TileCounter + 1, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale)
     producer = ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar,
                 q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter, num_heads,
                 seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK)
@@ -677,22 +810,22 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize([
             (_consumer, (consumer, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
                          FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
-                         INTRA_OVERLAP)),
+                         INTRA_OVERLAP, SPLIT_TAIL)),
             (_consumer, (consumer, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
                          FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
-                         INTRA_OVERLAP)),
+                         INTRA_OVERLAP, SPLIT_TAIL)),
             (_consumer, (consumer, 2, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
                          FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
-                         INTRA_OVERLAP)),
-            (_producer, (producer, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL, NUM_CONSUMERS)),
+                         INTRA_OVERLAP, SPLIT_TAIL)),
+            (_producer, (producer, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL, NUM_CONSUMERS, SPLIT_TAIL)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (consumer, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
                          FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
-                         INTRA_OVERLAP)),
+                         INTRA_OVERLAP, SPLIT_TAIL)),
             (_consumer, (consumer, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
                          FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
-                         INTRA_OVERLAP)),
-            (_producer, (producer, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL, NUM_CONSUMERS)),
+                         INTRA_OVERLAP, SPLIT_TAIL)),
+            (_producer, (producer, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL, NUM_CONSUMERS, SPLIT_TAIL)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

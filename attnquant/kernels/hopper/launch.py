@@ -35,6 +35,8 @@ WG_ROWS = 64  # one consumer warpgroup's query rows (wgmma M): the Q and output 
 # (perf-notes v26): its 192-row tiles read K/V once per 3 warpgroups, whose GEMMs queue on
 # the tensor cores while the others' softmaxes run.
 SERIAL3_ROW_TIME = 0.965
+# The most parts a split tile of the last wave is cut into (tail_split)
+MAX_SPLIT = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class WsConfig:
     # FA3's intra-warpgroup overlap (QK^T of block j with the softmax of j - 1's PV); False: each
     # block's GEMMs waited for in turn (forward._serial_block), for 3 consumers with 128-key blocks
     intra_overlap: bool = True
+    # non-causal, non-varlen persistent calls: the last wave's tiles split along the keys over the
+    # CTAs the wave leaves idle, and merged in the kernel (tail_split)
+    split_tail: bool = True
     ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
 
     @property
@@ -99,19 +104,37 @@ def for_problem(cfg: WsConfig, p, causal: bool, sms: int) -> WsConfig:
     """cfg, or three consumers with serial 128-key blocks (cfg's other options kept) for a
     non-causal batched call with head dims <= 128 whose time in whole-tile waves is lower that
     way: a CTA's time is its share of whole tiles, ceil(tiles / SMs) of them, and a 192-row tile
-    costs 1.5 x SERIAL3_ROW_TIME of a 128-row one. (The waves decide: at B=1, H=32, 8k, 11 waves
-    of 192 rows against 16 of 128 read even; at H=16, 6 against 8 lose 3 %; perf-notes v26.)"""
+    costs 1.5 x SERIAL3_ROW_TIME of a 128-row one, the last wave cut short where its tiles are
+    split (waves). (The waves decide: at B=1, H=32, 8k, 11 waves of 192 rows against 16 of 128
+    read even, perf-notes v26; with the last wave split, 10 1/2 against 16.)"""
     d, dv = p.head_dim, p.head_dim_v
     if (causal or p.varlen or not cfg.auto_consumers or cfg.consumers != 2 or cfg.pingpong
             or max(d, dv) > 128):
         return cfg
-    tiles = p.batch * p.num_heads
+    n_blocks = cdiv(max(p.max_seqlen_k, 1), 128)
 
     def wave_rows(block_m):
-        return cdiv(cdiv(max(p.max_seqlen_q, 1), block_m) * tiles, sms) * block_m
+        tiles = cdiv(max(p.max_seqlen_q, 1), block_m) * p.batch * p.num_heads
+        return waves(tiles, sms, n_blocks if cfg.split_tail else 1) * block_m
     if wave_rows(3 * WG_ROWS) * SERIAL3_ROW_TIME >= wave_rows(2 * WG_ROWS):
         return cfg
     return _serial3(cfg, d, dv)
+
+
+def tail_split(tiles: int, ctas: int, n_blocks: int):
+    """(first split tile, parts) for `tiles` tiles of equal cost on `ctas` persistent CTAs: the
+    last wave's tiles (the remainder) run as `parts` units each over shares of their n_blocks key
+    blocks, as many parts as keep every unit in one wave of the CTAs (at most MAX_SPLIT); the
+    kernel merges them (forward._merge_partials). (tiles, 1): nothing split."""
+    rem = tiles % ctas
+    parts = min(ctas // rem, n_blocks, MAX_SPLIT) if rem else 1
+    return (tiles - rem, parts) if parts > 1 else (tiles, 1)
+
+
+def waves(tiles: int, ctas: int, n_blocks: int) -> float:
+    """A CTA's time in tiles under tail_split: the whole waves, and the split last one's part."""
+    split_from, parts = tail_split(tiles, ctas, n_blocks)
+    return tiles // ctas + (1 / parts if split_from < tiles else tiles % ctas > 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -281,14 +304,23 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     tma_store = tma_store_applies(p, cfg, out)
     num_tiles = cdiv(max(p.max_seqlen_q, 1), cfg.block_m) * p.batch * p.num_heads
     maxnreg, consumer_regs = cfg.registers()
-    grid = min(num_tiles, _num_sms(dev)) if cfg.persistent else num_tiles
+    sms = _num_sms(dev)
+    grid = min(num_tiles, sms) if cfg.persistent else num_tiles
+    split_from, parts = num_tiles, 1
+    if cfg.split_tail and cfg.persistent and not causal and not p.varlen:
+        split_from, parts = tail_split(num_tiles, sms, cdiv(max(p.max_seqlen_k, 1), cfg.block_n))
+        grid = min(sms, num_tiles + (num_tiles - split_from) * (parts - 1))
+    slots = (num_tiles - split_from) * (parts - 1) * cfg.consumers  # partial results (forward._store_partial)
     dummy = out
     pointers = (out, lse if lse is not None else dummy, fmt.scale if fmt.scale is not None else dummy,
                 fmt.block_scale if fmt.block_scale is not None else dummy,
                 p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
-                torch.zeros(1, dtype=torch.int32, device=p.q.device))  # the tile counter (forward._producer)
+                # the unit counter (forward._producer) and the partial results' flags
+                torch.zeros(1 + slots, dtype=torch.int32, device=p.q.device),
+                torch.empty(slots * WG_ROWS * (p.head_dim_v + 2), dtype=torch.float32, device=p.q.device)
+                if slots else dummy)
     ints = (*out_strides, *lse_strides, *fmt.block_scale_strides,
-            p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p))
+            p.max_seqlen_q, p.max_seqlen_k, p.batch, p.num_heads, l2_section(p), split_from, parts)
     constexprs = dict(
         GROUP=p.num_heads // p.num_heads_kv, DA=da, DB=db, DV=p.head_dim_v,
         BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, NUM_CONSUMERS=cfg.consumers, VARLEN=p.varlen, CAUSAL=causal,
@@ -296,7 +328,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
         OUT_KIND=epilogue["OUT_KIND"], FP8_MAX=epilogue["FP8_MAX"], GROUP_SIZE=epilogue["GROUP_SIZE"],
         UE8M0=epilogue["UE8M0"], TMA_STORE=tma_store, CONSUMER_REGS=consumer_regs,
         PRODUCER_REGS=cfg.producer_regs, ABLATE=cfg.ablate, PV_FENCE=cfg.pv_fence, LAZY_RESCALE=cfg.lazy_rescale,
-        INTRA_OVERLAP=cfg.intra_overlap)
+        INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=parts > 1)
     # What Triton specializes the kernel on (the descriptors: their dtype, q's, and blocks, fixed
     # by the constexprs): pointers' dtype and 16-byte alignment, ints' == 1, % 16, 32-bit range.
     key = (dev, p.q.dtype, *constexprs.values(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers],
