@@ -31,6 +31,12 @@ leave the free-running warpgroups in lock-step, their softmaxes contending for t
 their GEMMs queued together, 10-14 % slower). Registers move from the producer (24) to the
 consumers (240 each with two, 160 with three).
 
+With SPLIT_TAIL (non-causal, batched: every tile costs the same) the tiles of the last wave,
+which would leave SMs idle, run as several units each over shares of their key blocks
+(_tile_work, launch.tail_split); a tile's last part waits for the others' partial results
+(fp32 O, max, sum in a workspace, flagged with release / acquire) and merges them before the
+epilogue.
+
 Keys are walked low to high; blocks from `n_full` on get the causal / sequence-end
 mask, the others none. Scores are in the log2 domain (softmax_scale * log2 e folded
 into one multiply-add before exp2). The epilogue writes the same formats with the
