@@ -150,24 +150,10 @@ def _publish_tile(tile_ids, tile_full, tile_empty, tile, i):
 
 
 @gluon.jit
-def _read_tile(tile_ids, tile_full, tile_empty, i, RELEASE: gl.constexpr = True):
-    """Consumer: the i-th tile id the producer published; RELEASE: free its entry (else
-    _reread_tile does)."""
+def _read_tile(tile_ids, tile_full, tile_empty, i):
+    """Consumer: the i-th tile id the producer published."""
     slot = i % 2
     mbarrier.wait(tile_full.index(slot), (i // 2) & 1)
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    tile = gl.max(tile_ids.index(slot).load(layout), 0)
-    if RELEASE:
-        mbarrier.arrive(tile_empty.index(slot))
-    return tile
-
-
-@gluon.jit
-def _reread_tile(tile_ids, tile_empty, i):
-    """Consumer: the i-th tile id again (read by _read_tile without RELEASE), and its entry freed.
-    A split unit's part and slot come from it after the key loop: recomputed, not kept in
-    registers through the loop (ptxas spilled in the masked loop)."""
-    slot = i % 2
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     tile = gl.max(tile_ids.index(slot).load(layout), 0)
     mbarrier.arrive(tile_empty.index(slot))
@@ -451,7 +437,7 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
     i = 0  # units done
     if PINGPONG and WG == 1:  # warpgroup 0 issues first
         _named_barrier(PINGPONG_BARRIER0, True)
-    unit = _read_tile(tile_ids, tile_full, tile_empty, i, not SPLIT_TAIL)
+    unit = _read_tile(tile_ids, tile_full, tile_empty, i)
     while unit < num_units:
         tile, part, parts, split_idx = _tile_work(unit, split_from, split_parts, SPLIT_TAIL)
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
@@ -470,8 +456,6 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
             # output (a whole tile is part 0 of 1: nothing to merge); the parts before it leave
             # theirs in Partials. (The last part is handed out after the others, which are running
             # or done by then: its wait always ends.)
-            tile, part, parts, split_idx = _tile_work(_reread_tile(tile_ids, tile_empty, i), split_from,
-                                                      split_parts, SPLIT_TAIL)
             slot0 = split_idx * (split_parts - 1) * NUM_CONSUMERS + WG
             if part + 1 == parts:
                 acc, m_i, l_i = _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, parts - 1, DV,
@@ -485,7 +469,7 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
                            TMA_STORE)
         g += j_hi - j_lo
         i += 1
-        unit = _read_tile(tile_ids, tile_full, tile_empty, i, not SPLIT_TAIL)
+        unit = _read_tile(tile_ids, tile_full, tile_empty, i)
     if PINGPONG and WG == 0:  # warpgroup 1's last arrive: every arrive meets a sync
         _named_barrier(PINGPONG_BARRIER0, False)
     if TMA_STORE:  # the shared memory of the last output tile stays alive until its store has read it
