@@ -41,6 +41,10 @@ EXTRA_PREFILL = [
     ("mqa_4k_d128", 2, 4096, 4096, 16, 1, 128, 128, True),
     ("gqa4_4k_d128", 2, 4096, 4096, 16, 4, 128, 128, True),
     ("mha_4k_d128_h16", 2, 4096, 4096, 16, 16, 128, 128, True),
+    # mla with twice the key blocks a tile, and without the causal mask: how much of mla's time is
+    # per tile (perf-notes v28)
+    ("mla_8k_b1", 1, 8192, 8192, 16, 1, 192, 128, True),
+    ("mla_4k_noncausal", 2, 4096, 4096, 16, 1, 192, 128, False),
     # non-causal shapes whose whole-tile waves differ (perf-notes v26)
     ("noncausal_b2_8k", 2, 8192, 8192, 32, 32, 128, 128, False),
     ("noncausal_h16_8k", 1, 8192, 8192, 16, 16, 128, 128, False),
