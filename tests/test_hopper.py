@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attnquant as aq
+from attnquant import quant
 from attnquant.kernels.hopper import launch as hopper
 from attnquant.reference import attention_ref_batched, attention_ref_varlen
 
@@ -248,6 +249,51 @@ def test_split_tail(monkeypatch, dims, consumers, ctas, parts):
         _check(q, k, v, False, kind, out=out)
     tiles = 4 * (5 if consumers == 2 else 4)
     assert splits == [(tiles - tiles % ctas, parts)] * 2
+
+
+@needs_gluon
+@pytest.mark.parametrize("causal", [False, True])
+def test_workspace_left_zero(monkeypatch, causal):
+    """The unit counter and the split flags live in one buffer per stream that each call leaves
+    zero (no fill kernel per call): three calls in a row (7 CTAs, many tiles each; non-causal
+    with the last wave split) all match the reference, share the buffer, and leave it zero."""
+    d, dtype = 128, DTYPES[0]
+    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: replace(hopper._ws_config(d_, dv_), auto_consumers=False))
+    _small_grid(monkeypatch, 7, 1, 700, d, d, dtype)
+    monkeypatch.setattr(hopper, "_WORKSPACES", {})
+    for _ in range(3):
+        q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype)
+        _check(q, k, v, causal, torch.float8_e4m3fn)
+    torch.cuda.synchronize()
+    (buf,) = hopper._WORKSPACES.values()
+    assert buf.numel() >= 1 and int(buf.abs().sum()) == 0
+
+
+@needs_gluon
+def test_cuda_graph_replay():
+    """A captured Gluon call (its unit counter is the graph's own, zeroed in the graph) replays
+    with new inputs copied in, and eager calls on the capturing stream still run right after."""
+    d, dtype = 192, DTYPES[0]
+    q, k, v = randn(2, 500, 4, d, dtype=dtype), randn(2, 500, 1, d, dtype=dtype), randn(2, 500, 1, 128, dtype=dtype)
+    fmt = quant.OutputFormat(quant.FP8_STATIC, torch.float8_e4m3fn, scale=torch.tensor(0.03, device=DEVICE))
+    call = lambda: aq.flash_attn_func(q, k, v, causal=True, backend="gluon", **format_kwargs(fmt))[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # (compiled outside the capture)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = call()
+        for _ in range(2):
+            for t in (q, k, v):
+                t.copy_(randn(*t.shape, dtype=dtype))
+            graph.replay()
+            eager = call()
+            ref_o, _ = attention_ref_batched(q, k, v, causal=True)
+            eager_o, _ = attention_ref_batched(q, k, v, causal=True, eager_dtype=dtype)
+            check_output(out, fmt, ref_o, eager_o, what="graph replay")
+            check_output(eager, fmt, ref_o, eager_o, what="eager call after a replay")
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 @needs_gluon

@@ -259,7 +259,11 @@ def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV:
                                                 v_smem.index(v_slot))
             g += j_hi - j_lo
             i += 1
-        unit = nprog + gl.atomic_add(TileCounter, 1)
+        fetched = gl.atomic_add(TileCounter, 1)
+        unit = nprog + fetched
+        # The call's num_units fetches get 0 .. num_units - 1 (every CTA's last fetch fails, one
+        # each): the last one leaves the counter at zero for the next call (launch.workspace).
+        gl.atomic_xchg(TileCounter, 0, mask=fetched == num_units - 1)
     _publish_tile(tile_ids, tile_full, tile_empty, unit, i)  # no more tiles
 
 
@@ -592,6 +596,7 @@ def _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, n_parts, DV: gl.
         base = Partials + slot.to(gl.int64) * (WG_ROWS * (DV + 2))
         m_p = gl.load(base + ml_off, cache_modifier=".cg")
         l_p = gl.load(base + ml_off + WG_ROWS, cache_modifier=".cg")
+        gl.atomic_xchg(SplitFlags + slot, 0)  # (read by this part only: cleared for the next call)
         m_new = gl.maximum(m_i, m_p)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         a_own = gl.exp2(m_i - m_use)
@@ -726,7 +731,8 @@ def attn_fwd_ws_kernel(
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
     batch*heads per L2 section (_tile_coords), TileCounter int32 zeros: [0] counts the units
-    handed out past the first grid's worth, [1 + slot] flags a partial result. A grid of one CTA
+    handed out past the first grid's worth, [1 + slot] flags a partial result; the kernel leaves
+    them zero again. A grid of one CTA
     per tile is the non-persistent kernel. NUM_CONSUMERS (2 or 3) 64-row consumer warpgroups make
     a tile of BLOCK_M query rows. SPLIT_TAIL: the tiles from split_from on run as split_parts
     units each, over shares of the keys (_tile_work), merged through Partials (fp32, a slot of

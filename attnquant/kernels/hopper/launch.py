@@ -70,6 +70,9 @@ class WsConfig:
     # CTAs the wave leaves idle, and merged in the kernel (tail_split)
     split_tail: bool = True
     ablate: int = 0  # measurement variants only (wrong results): 1 no softmax, 2 no PV GEMM
+    # measurement only: a zeroed counter per call, i.e. a fill kernel ahead of each launch (before
+    # perf-notes v30 every call did that; now the kernel leaves its workspace zero)
+    fresh_workspace: bool = False
 
     @property
     def block_m(self) -> int:
@@ -315,8 +318,7 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     pointers = (out, lse if lse is not None else dummy, fmt.scale if fmt.scale is not None else dummy,
                 fmt.block_scale if fmt.block_scale is not None else dummy,
                 p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
-                # the unit counter (forward._producer) and the partial results' flags
-                torch.zeros(1 + slots, dtype=torch.int32, device=p.q.device),
+                workspace(p.q.device, 1 + slots, cfg.fresh_workspace),
                 torch.empty(slots * WG_ROWS * (p.head_dim_v + 2), dtype=torch.float32, device=p.q.device)
                 if slots else dummy)
     ints = (*out_strides, *lse_strides, *fmt.block_scale_strides,
@@ -349,6 +351,24 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
     else:  # the kernel it compiled for this key, launched directly (every parameter, in order)
         kernel[(grid, 1, 1)](*args, *constexprs.values(), stream=torch.cuda.current_stream(dev).cuda_stream)
 
+
+def workspace(device, size: int, fresh: bool = False):
+    """int32 zeros for the unit counter (forward._producer) and the partial results' flags
+    ([1 + slot]), which the kernel leaves zero again: one buffer per (device, stream), grown as
+    needed, so that a call launches no fill kernel ahead of the attention kernel (~2 µs of GPU
+    time each). Calls on one stream run in order; during a CUDA graph capture each call gets a
+    buffer of its own (a memset in the graph, as the allocator keeps it for the graph)."""
+    stream = torch.cuda.current_stream(device)
+    if fresh or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    key = (device, stream.cuda_stream)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _WORKSPACES[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+_WORKSPACES = {}
 
 # Compiled kernels by launch key. Triton's JIT dispatch (binding ~50 arguments, computing
 # their specialization, looking up its cache) and building six TMA descriptors cost ~150 us
