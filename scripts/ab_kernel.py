@@ -5,7 +5,7 @@
     python3 scripts/ab_kernel.py scratch/forward_base.py [scratch/other.py ...] [SHAPE ...]
     python3 scripts/ab_kernel.py scratch/forward_base.py scratch/forward_base.py:pingpong=1 current:pingpong=1
 
-Times static-FP8 output on the PREFILL shapes whose names contain a SHAPE (all by default) and
+Times static-FP8 output (or `format=bf16|group|nvfp4`) on the PREFILL shapes whose names contain a SHAPE (all by default) and
 the bench.EXTRA_PREFILL shapes named in full, the versions in turn over 5 rounds (the first is
 the base; the working tree's kernel is "current", always timed); prints medians and each
 version / base. A version may name WsConfig options to run with (`:option=N[:...]`; on
@@ -17,11 +17,14 @@ import importlib.util
 import sys
 from dataclasses import replace
 
-from attnquant.bench import _gluon_fp8, _interleaved, _prefill_cases, _with_config
+from attnquant.bench import _gluon_format_calls, _interleaved, _prefill_cases, _with_config
 from attnquant.kernels.hopper import forward, launch
 
 specs = [a for a in sys.argv[1:] if ".py" in a or a.startswith("current:")]
-shapes = [a for a in sys.argv[1:] if a not in specs]
+# format=bf16|fp8|group|nvfp4: the output format timed (bench._gluon_format_calls; static FP8 by default)
+FORMATS = ("bf16", "fp8", "group", "nvfp4")
+fmt = ([a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("format=")] or ["fp8"])[-1]
+shapes = [a for a in sys.argv[1:] if a not in specs and not a.startswith("format=")]
 
 
 def load(path, i):
@@ -60,9 +63,10 @@ def run_as(version, fn, d, dv):
     return run
 
 
-print(f"kernel A/B (µs; gluon, static fp8 out; median of 5 interleaved rounds): base = {specs[0]}")
+print(f"kernel A/B (µs; gluon, {fmt} out; median of 5 interleaved rounds): base = {specs[0]}")
 for name, q, k, v, causal, scale, flops in _prefill_cases(shapes):
-    fns = [run_as(version, _gluon_fp8(q, k, v, causal, scale), q.shape[-1], v.shape[-1]) for version in versions]
+    call = _gluon_format_calls(q, k, v, causal, scale)[FORMATS.index(fmt)]
+    fns = [run_as(version, call, q.shape[-1], v.shape[-1]) for version in versions]
     outs = [fn() for fn in fns]  # (compiled before the timed rounds; outputs must agree)
     outs = [(o[0] if isinstance(o, tuple) else o).float() for o in outs]
     diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
