@@ -315,10 +315,11 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
         grid = min(sms, num_tiles + (num_tiles - split_from) * (parts - 1))
     slots = (num_tiles - split_from) * (parts - 1) * cfg.consumers  # partial results (forward._store_partial)
     dummy = out
+    stream = torch.cuda.current_stream(dev)
     pointers = (out, lse if lse is not None else dummy, fmt.scale if fmt.scale is not None else dummy,
                 fmt.block_scale if fmt.block_scale is not None else dummy,
                 p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
-                workspace(p.q.device, 1 + slots, cfg.fresh_workspace),
+                workspace(p.q.device, stream, 1 + slots, cfg.fresh_workspace),
                 torch.empty(slots * WG_ROWS * (p.head_dim_v + 2), dtype=torch.float32, device=p.q.device)
                 if slots else dummy)
     ints = (*out_strides, *lse_strides, *fmt.block_scale_strides,
@@ -349,16 +350,15 @@ def launch(p, fmt, out, lse, causal: bool, softmax_scale: float, epilogue: dict,
         assert attn_fwd_ws_kernel.arg_names[len(args):] == list(constexprs)  # (the constexprs come last)
         _COMPILED[key] = attn_fwd_ws_kernel[(grid,)](*args, **constexprs, num_warps=4, maxnreg=maxnreg)
     else:  # the kernel it compiled for this key, launched directly (every parameter, in order)
-        kernel[(grid, 1, 1)](*args, *constexprs.values(), stream=torch.cuda.current_stream(dev).cuda_stream)
+        kernel[(grid, 1, 1)](*args, *constexprs.values(), stream=stream.cuda_stream)
 
 
-def workspace(device, size: int, fresh: bool = False):
+def workspace(device, stream, size: int, fresh: bool = False):
     """int32 zeros for the unit counter (forward._producer) and the partial results' flags
     ([1 + slot]), which the kernel leaves zero again: one buffer per (device, stream), grown as
     needed, so that a call launches no fill kernel ahead of the attention kernel (~2 µs of GPU
     time each). Calls on one stream run in order; during a CUDA graph capture each call gets a
     buffer of its own (a memset in the graph, as the allocator keeps it for the graph)."""
-    stream = torch.cuda.current_stream(device)
     if fresh or torch.cuda.is_current_stream_capturing():
         return torch.zeros(size, dtype=torch.int32, device=device)
     key = (device, stream.cuda_stream)
