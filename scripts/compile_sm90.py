@@ -132,6 +132,14 @@ VARIANTS = {
         causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False),
     "gluon d128 non-causal, 3 consumers, serial, last wave split, fp8 out": gluon_variant(
         causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False, split_tail=True),
+    # the benchmark's per-group and bf16 calls on that path: their epilogue's strides once spilled
+    # the loop (perf-notes v35)
+    "gluon d128 non-causal, 3 consumers, serial, last wave split, group fp8 (G=128)": gluon_variant(
+        kind=2, group_size=128, causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False,
+        split_tail=True),
+    "gluon d128 non-causal, 3 consumers, serial, last wave split, bf16 out": gluon_variant(
+        out="*bf16", kind=0, causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False,
+        split_tail=True),
     "gluon d192-128 mqa non-causal, last wave split, group fp8 (G=64)": gluon_variant(
         kind=2, group_size=64, d=192, group=16, causal=False, split_tail=True),
 }

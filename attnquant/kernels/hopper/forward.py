@@ -99,6 +99,47 @@ def _named_barrier(bar_id: gl.constexpr, ARRIVE: gl.constexpr):
                               dtype=gl.int32, is_pure=False, pack=1)
 
 
+NUM_STRIDES = gl.constexpr(16)
+
+
+@gluon.constexpr_function
+def _stash_strides_applies(consumers, out_kind):
+    """Whether the epilogue's strides (output, LSE, block scales) wait in shared memory
+    (_stash_strides) rather than ride in the consumer partitions' registers through the key-block
+    loop. Three consumers have 160 registers a thread and their serial loop needs about all of
+    them: with the per-group FP8 epilogue's block-scale strides carried through it, ptxas spilled
+    in every key block, 3-4 % of the non-causal benchmark shape; the plain (bf16/fp16) one spilled
+    too, at no measurable cost (perf-notes v35). Static FP8 and NVFP4 fit, and FP8 measured ~2 %
+    slower with the strides in shared memory, so those keep registers."""
+    return consumers == 3 and out_kind in (0, 2)
+
+
+@gluon.jit
+def _stash_strides(smem, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9):
+    """Kernel body, before the partitions start: the ten strides into `smem` (int64)."""
+    layout: gl.constexpr = gl.BlockedLayout([NUM_STRIDES], [32], [gl.num_warps()], [0])  # all in every thread
+    idx = gl.arange(0, NUM_STRIDES, layout=layout)
+    v = gl.zeros([NUM_STRIDES], gl.int64, layout)
+    v = gl.where(idx == 0, s0, v)
+    v = gl.where(idx == 1, s1, v)
+    v = gl.where(idx == 2, s2, v)
+    v = gl.where(idx == 3, s3, v)
+    v = gl.where(idx == 4, s4, v)
+    v = gl.where(idx == 5, s5, v)
+    v = gl.where(idx == 6, s6, v)
+    v = gl.where(idx == 7, s7, v)
+    v = gl.where(idx == 8, s8, v)
+    v = gl.where(idx == 9, s9, v)
+    smem.store(v)
+
+
+@gluon.jit
+def _stride(v, k: gl.constexpr):
+    """Entry k of a _stash_strides vector (held whole by every thread: no data moves)."""
+    idx = gl.arange(0, NUM_STRIDES, layout=v.type.layout)
+    return gl.sum(gl.where(idx == k, v, 0), 0)
+
+
 @gluon.jit
 def _tile_coords(t, num_m, num_bh, section):
     """Tile t of the schedule: (query tile, batch*head). Tiles are numbered in sections of
@@ -435,8 +476,9 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
     kernel: Gluon 3.6 turns them into tensors)."""
     (qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
      o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, Partials, SplitFlags, sched, num_heads,
-     seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale) = args
+     seqlen_q, seqlen_k, strides, qk_scale) = args
     pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
+    STASH_STRIDES: gl.constexpr = _stash_strides_applies(NUM_CONSUMERS, OUT_KIND)
     g = 0  # key blocks consumed so far (the producer's ring counter)
     i = 0  # units done
     if PINGPONG and WG == 1:  # warpgroup 0 issues first
@@ -454,7 +496,7 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
                                        WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, ABLATE, PV_FENCE,
                                        LAZY_RESCALE, INTRA_OVERLAP)
         epilogue = (o_desc, o_smem, Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq,
-                    out_strides, lse_strides, bs_strides)
+                    strides)
         if SPLIT_TAIL:
             # The last part of a split tile merges the other parts' partial results and writes the
             # output (a whole tile is part 0 of 1: nothing to merge); the parts before it leave
@@ -465,12 +507,12 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
                 acc, m_i, l_i = _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, parts - 1, DV,
                                                 NUM_CONSUMERS)
                 _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
-                               TMA_STORE)
+                               TMA_STORE, STASH_STRIDES)
             else:
                 _store_partial(acc, m_i, l_i, Partials, SplitFlags, slot0 + part * NUM_CONSUMERS, DV)
         else:
             _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
-                           TMA_STORE)
+                           TMA_STORE, STASH_STRIDES)
         g += j_hi - j_lo
         i += 1
         unit = _read_tile(tile_ids, tile_full, tile_empty, i)
@@ -612,16 +654,27 @@ def _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, n_parts, DV: gl.
 @gluon.jit
 def _tile_epilogue(acc, m_i, l_i, epilogue, WG: gl.constexpr, DV: gl.constexpr, STORE_LSE: gl.constexpr,
                    OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-                   TMA_STORE: gl.constexpr):
+                   TMA_STORE: gl.constexpr, STASHED_STRIDES: gl.constexpr):
     """One warpgroup's 64 rows of a tile out: O / rowsum in the output format, and the LSE. A
     row that saw no key writes 0 and LSE -inf."""
     (o_desc, o_smem, Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, q_pos0, seqlen_q,
-     out_strides, lse_strides, bs_strides) = epilogue
+     strides) = epilogue
     o_layout: gl.constexpr = acc.type.layout
     s_rows: gl.constexpr = m_i.type.layout
-    stride_ob, stride_os, stride_oh = out_strides
-    stride_lb, stride_lh, stride_ls = lse_strides
-    stride_bsb, stride_bss, stride_bsh, stride_bsg = bs_strides
+    if STASHED_STRIDES:  # (a shared-memory vector: _stash_strides)
+        st = strides.load(gl.BlockedLayout([NUM_STRIDES], [32], [gl.num_warps()], [0]))
+        stride_ob = _stride(st, 0)
+        stride_os = _stride(st, 1)
+        stride_oh = _stride(st, 2)
+        stride_lb = _stride(st, 3)
+        stride_lh = _stride(st, 4)
+        stride_ls = _stride(st, 5)
+        stride_bsb = _stride(st, 6)
+        stride_bss = _stride(st, 7)
+        stride_bsh = _stride(st, 8)
+        stride_bsg = _stride(st, 9)
+    else:
+        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh, stride_bsg = strides
     tok0 = (q_tok0 + q_pos0).to(gl.int64)
     seen = l_i > 0.0
     inv_l = gl.where(seen, 1.0 / gl.where(seen, l_i, 1.0), 0.0)
@@ -740,6 +793,7 @@ def attn_fwd_ws_kernel(
     gl.static_assert(NUM_CONSUMERS == 2 or (NUM_CONSUMERS == 3 and not PINGPONG), "2 consumers, or 3 without ping-pong")
     gl.static_assert(INTRA_OVERLAP or (NUM_STAGES >= 2 and not PINGPONG), "INTRA_OVERLAP off: 2+ stages, no ping-pong")
     BLOCK_M: gl.constexpr = NUM_CONSUMERS * WG_ROWS
+    STASH_STRIDES: gl.constexpr = _stash_strides_applies(NUM_CONSUMERS, OUT_KIND)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
     num_bh = batch * num_heads
     num_units = num_m * num_bh
@@ -787,14 +841,18 @@ def attn_fwd_ws_kernel(
         mbarrier.init(kv_empty.index(i), count=NUM_CONSUMERS)
     fence_async_shared()
 
-    out_strides = (stride_ob, stride_os, stride_oh)
-    lse_strides = (stride_lb, stride_lh, stride_ls)
-    bs_strides = (stride_bsb, stride_bss, stride_bsh, stride_bsg)
+    if STASH_STRIDES:
+        strides = gl.allocate_shared_memory(gl.int64, [NUM_STRIDES], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        _stash_strides(strides, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss,
+                       stride_bsh, stride_bsg)
+    else:
+        strides = (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh,
+                   stride_bsg)
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     consumer = ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
                 tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
-                Partials, TileCounter + 1, sched, num_heads, seqlen_q, seqlen_k, out_strides, lse_strides, bs_strides, qk_scale)
+                Partials, TileCounter + 1, sched, num_heads, seqlen_q, seqlen_k, strides, qk_scale)
     producer = ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar,
                 q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter, num_heads,
                 seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK)
