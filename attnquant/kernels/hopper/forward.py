@@ -115,21 +115,13 @@ def _stash_strides_applies(consumers, out_kind):
 
 
 @gluon.jit
-def _stash_strides(smem, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9):
-    """Kernel body, before the partitions start: the ten strides into `smem` (int64)."""
+def _stash_strides(smem, strides):
+    """Kernel body, before the partitions start: the tuple of strides into `smem` (int64)."""
     layout: gl.constexpr = gl.BlockedLayout([NUM_STRIDES], [32], [gl.num_warps()], [0])  # all in every thread
     idx = gl.arange(0, NUM_STRIDES, layout=layout)
     v = gl.zeros([NUM_STRIDES], gl.int64, layout)
-    v = gl.where(idx == 0, s0, v)
-    v = gl.where(idx == 1, s1, v)
-    v = gl.where(idx == 2, s2, v)
-    v = gl.where(idx == 3, s3, v)
-    v = gl.where(idx == 4, s4, v)
-    v = gl.where(idx == 5, s5, v)
-    v = gl.where(idx == 6, s6, v)
-    v = gl.where(idx == 7, s7, v)
-    v = gl.where(idx == 8, s8, v)
-    v = gl.where(idx == 9, s9, v)
+    for k in gl.static_range(len(strides)):
+        v = gl.where(idx == k, strides[k], v)
     smem.store(v)
 
 
@@ -841,13 +833,12 @@ def attn_fwd_ws_kernel(
         mbarrier.init(kv_empty.index(i), count=NUM_CONSUMERS)
     fence_async_shared()
 
+    strides = (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh,
+               stride_bsg)
     if STASH_STRIDES:
-        strides = gl.allocate_shared_memory(gl.int64, [NUM_STRIDES], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        _stash_strides(strides, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss,
-                       stride_bsh, stride_bsg)
-    else:
-        strides = (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh,
-                   stride_bsg)
+        stash = gl.allocate_shared_memory(gl.int64, [NUM_STRIDES], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        _stash_strides(stash, strides)
+        strides = stash
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     consumer = ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
