@@ -96,9 +96,20 @@ def _sdpa(q, k, v, causal):
     return None, "none"
 
 
-# FA4 (CuTe DSL) sm90 bf16-output TFLOP/s on these shapes, from ../shared/PERF.md (not measured
-# here: FA4 is not installed on the benchmark machine): issue 4's bar for the fused-FP8 kernel.
+# FA4 (CuTe DSL) sm90 bf16-output TFLOP/s on these shapes, from ../shared/PERF.md (measured on
+# PERF.md's card): issue 4's bar for the fused-FP8 kernel.
 FA4_SM90_TF = {"prefill_mla_4k": 685, "prefill_mha_4k": 575, "prefill_gqa_8k": 627, "noncausal_mha_8k": 661}
+
+
+def _fa4(q, k, v, causal):
+    """FA4's bf16 forward (flash_attn.cute, the `fa4` package) where it is importable, else None.
+    The device image lacks it; docs/perf-notes.md ("Measuring on the lent H100") says how to
+    carry it, so that FA4 is timed in the same run as the PERF.md column."""
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+    except ImportError:
+        return None
+    return lambda: flash_attn_func(q, k, v, causal=causal)
 
 
 def _gluon_fp8(q, k, v, causal, scale):
@@ -145,23 +156,28 @@ def prefill_table():
     print("\nprefill (µs, TFLOP/s); 'gluon' = the Hopper warp-specialized kernel, 'portable' = the tl.* kernel")
     print(f"{'prefill shape':<18} {'gluon bf16':>16} {'gluon fp8':>16} {'fp8/bf16':>8} {'gluon grp fp8':>13} "
           f"{'grp/bf16':>8} {'gluon nvfp4':>11} {'fp4/bf16':>8} {'portable fp8':>16} {'SDPA bf16':>22} {'SDPA+quant':>10} {'fp8/SDPA':>8} "
-          f"{'fp8/FA4':>7}")
+          f"{'fp8/FA4':>7} {'FA4 here':>16} {'fp8/FA4 here':>12}")
     for name, q, k, v, causal, scale, flops in _prefill_cases():
         tf = lambda us: flops / us * 1e-6  # noqa: E731
         cell = lambda us: f"{us:7.0f} ({tf(us):4.0f} TF)"  # noqa: E731
         outs = _gluon_format_calls(q, k, v, causal, scale)
+        fa4 = _fa4(q, k, v, causal)
+        if fa4:  # FA4 in the same interleaved rounds as our four formats (its first call compiles)
+            fa4()
+            outs = outs + (fa4,)
         portable = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="triton")  # noqa: E731
         sdpa, backend = _sdpa(q, k, v, causal)
         sdpa_q = (lambda: quant(sdpa(), scale)) if sdpa else None
         # the outputs alternate over three rounds (median of each) so clock drift hits all
         rounds = [tuple(bench(fn) for fn in outs) for _ in range(3)]
-        t_bf16, t_fp8, t_grp, t_fp4 = (sorted(r[i] for r in rounds)[1] for i in range(len(outs)))
+        t_bf16, t_fp8, t_grp, t_fp4, *t_fa4 = (sorted(r[i] for r in rounds)[1] for i in range(len(outs)))
+        fa4_cells = f"{cell(t_fa4[0])} {t_fa4[0] / t_fp8:12.2f}" if fa4 else f"{'-':>16} {'-':>12}"
         t_port = bench(portable)
         t_sdpa = bench(sdpa) if sdpa else float("nan")
         t_sdpa_q = bench(sdpa_q) if sdpa else float("nan")
         print(f"{name:<18} {cell(t_bf16)} {cell(t_fp8)} {t_fp8 / t_bf16:8.3f} {t_grp:13.0f} {t_grp / t_bf16:8.3f} "
               f"{t_fp4:11.0f} {t_fp4 / t_bf16:8.3f} {cell(t_port)} {t_sdpa:7.0f} ({tf(t_sdpa):4.0f} TF {backend:>6}) {t_sdpa_q:10.0f} "
-              f"{t_sdpa / t_fp8:8.2f} {tf(t_fp8) / FA4_SM90_TF[name]:7.2f}")
+              f"{t_sdpa / t_fp8:8.2f} {tf(t_fp8) / FA4_SM90_TF[name]:7.2f} {fa4_cells}")
 
 
 def _paged(kc, vc, page):

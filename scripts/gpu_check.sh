@@ -6,18 +6,20 @@
 # $CONFIG_SHAPES, default all), `--ncu` Nsight Compute reports of the Gluon
 # kernel ($NCU_SHAPE, default prefill_gqa_8k, as is and without its softmax), `--ncu-source`
 # per-SASS-instruction stall samples of the Gluon kernel on $NCU_SHAPES (CSV; read them with
-# scripts/stall_report.py), `--bench-only`
-# skips the tests, `--tests-only` the benchmark.
+# scripts/stall_report.py; a spec NAME@fa4 profiles FA4's kernel on that shape), `--bench-only`
+# skips the tests, `--tests-only` the benchmark. `--fa4 BUNDLE` first unpacks FA4 (flash_attn.cute
+# and the CuTe DSL, a site-packages tarball for the device's Python; perf-notes "Measuring on the
+# lent H100") so that the benchmark times FA4 in the same run.
 # Logs go to $OUT (the device tool brings that folder back).
 #   usage (on the device machine, repo root):
-#     bash scripts/gpu_check.sh [--sweep] [--variants] [--configs] [--ncu] [--ncu-source] [--bench-only] [--tests-only] [pytest args...]
+#     bash scripts/gpu_check.sh [--sweep] [--variants] [--configs] [--ncu] [--ncu-source] [--fa4 BUNDLE] [--bench-only] [--tests-only] [pytest args...]
 # (--bench-only and --tests-only together: neither, only the smoke run, the demo and the extras)
 # (the whole of it runs past the device tool's 600 s per call: split it with --tests-only / --bench-only)
 set -uo pipefail
 OUT=${OUT:-/tmp/attnquant-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-SWEEP=0 VARIANTS=0 CONFIGS=0 TESTS=1 BENCH=1 NCU=0 NCU_SOURCE=0
+SWEEP=0 VARIANTS=0 CONFIGS=0 TESTS=1 BENCH=1 NCU=0 NCU_SOURCE=0 FA4_BUNDLE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --sweep) SWEEP=1; shift ;;
@@ -27,11 +29,18 @@ while [ $# -gt 0 ]; do
     --tests-only) BENCH=0; shift ;;
     --ncu) NCU=1; shift ;;
     --ncu-source) NCU_SOURCE=1; shift ;;
+    --fa4) FA4_BUNDLE=$2; shift 2 ;;
     *) break ;;
   esac
 done
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+if [ -n "$FA4_BUNDLE" ]; then
+  mkdir -p /tmp/fa4site && tar xJf "$FA4_BUNDLE" -C /tmp/fa4site
+  export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/python_packages
+  python3 -c "import flash_attn.cute.interface, cutlass; print('FA4 importable, CuTe DSL', cutlass.__version__)" 2>&1 \
+    | tail -n 3 | tee -a "$OUT/gpu.txt"
+fi
 if ! timeout 240 python3 scripts/gluon_smoke.py > "$OUT/smoke.log" 2>&1; then
   echo "gluon smoke run failed or hung:"; tail -n 5 "$OUT/smoke.log"; exit 1
 fi
@@ -40,7 +49,7 @@ if [ $TESTS = 1 ]; then
   timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -q -n 8 -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20; tail -n 2 "$OUT/pytest.log"
 fi
-if [ $BENCH = 1 ]; then timeout 280 python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"; fi
+if [ $BENCH = 1 ]; then timeout ${BENCH_TIMEOUT:-280} python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"; fi
 if [ $CONFIGS = 1 ]; then timeout 300 python3 -m attnquant.bench --configs ${CONFIG_SHAPES:-} 2>&1 | tee "$OUT/configs.log"; fi
 if [ $VARIANTS = 1 ]; then timeout 250 python3 -m attnquant.bench --gluon-variants 2>&1 | tee "$OUT/variants.log"; fi
 timeout 40 python3 -m attnquant.demo 2>&1 | tee "$OUT/demo.log"
@@ -57,11 +66,13 @@ if [ $NCU = 1 ]; then  # NCU_SHAPE (a bench.PREFILL name), NCU_ABLATE (the ablat
 fi
 if [ $NCU_SOURCE = 1 ]; then  # NCU_SHAPES: bench.PREFILL names, each optionally :option=N[:...] (profile_gluon.py)
   for spec in ${NCU_SHAPES:-noncausal_mha_8k prefill_mla_4k}; do
+    fmt=fp8 kernel=attn_fwd_ws
+    case "$spec" in *@fa4) fmt=fa4 kernel=FlashAttentionForward spec=${spec%@fa4} ;; esac
     shape=${spec%%:*}; opts=""; [ "$spec" != "$shape" ] && opts=${spec#*:}
-    tag=$(echo "$spec" | tr ':=' '__')
-    timeout 200 ncu --clock-control none --kernel-name regex:attn_fwd_ws --launch-skip 2 --launch-count 1 \
+    tag=$(echo "$spec" | tr ':=' '__'); [ $fmt = fa4 ] && tag=${tag}_fa4
+    timeout 200 ncu --clock-control none --kernel-name regex:$kernel --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section SourceCounters -f -o "/tmp/src_$tag" \
-      python3 scripts/profile_gluon.py "$shape" 0 fp8 ${opts//:/ } > /tmp/ncu_src_$tag.log 2>&1
+      python3 scripts/profile_gluon.py "$shape" 0 $fmt ${opts//:/ } > /tmp/ncu_src_$tag.log 2>&1
     ncu -i "/tmp/src_$tag.ncu-rep" --page source --csv --print-source sass | gzip > "$OUT/src_$tag.csv.gz"
     echo "ncu source $spec:"; ncu -i "/tmp/src_$tag.ncu-rep" --page details 2>&1 | grep -E "Duration|SM Frequency|Warp Cycles Per Issued" | head -5
   done

@@ -5,8 +5,9 @@
         python3 scripts/profile_gluon.py noncausal_mha_8k [ablate] [fp8|bf16|nvfp4] [option=N ...]
 
 `ablate` 1 leaves the softmax out, 2 the PV GEMM (timing variants, wrong results); the third
-argument picks the output format (default static FP8); option=N sets an int or bool WsConfig
-field (pingpong=1, pv_fence=1, ...)."""
+argument picks the output format (default static FP8), or `fa4` runs FA4's bf16 kernel instead
+(flash_attn.cute where it is carried: ncu's --kernel-name is then regex:FlashAttentionForward);
+option=N sets an int or bool WsConfig field (pingpong=1, pv_fence=1, ...)."""
 
 import sys
 from dataclasses import replace
@@ -27,10 +28,17 @@ if ablate or options:
     base = hopper.ws_config(d, dv)
     cfg = replace(base, ablate=ablate, **{field: type(getattr(base, field))(int(x)) for field, x in options.items()})
     hopper.ws_config = lambda d_, dv_: cfg
-fmt = {"fp8": dict(output_scale=scale), "bf16": {},
+fmt = {"fa4": {}, "fp8": dict(output_scale=scale), "bf16": {},
        "nvfp4": dict(out_dtype="nvfp4", output_scale=scale,
                      output_block_scale=torch.empty(aq.quant.nvfp4_scale_shape(b * sq, h, dv),
                                                     dtype=torch.float8_e4m3fn, device="cuda"))}[out_format]
+if out_format == "fa4":
+    from attnquant.bench import _fa4
+
+    call = _fa4(q, k, v, causal)
+    assert call is not None, "flash_attn.cute (FA4) is not importable"
+else:
+    call = lambda: aq.flash_attn_func(q, k, v, causal=causal, backend="gluon", **fmt)  # noqa: E731
 for _ in range(3):
-    aq.flash_attn_func(q, k, v, causal=causal, backend="gluon", **fmt)
+    call()
 torch.cuda.synchronize()
