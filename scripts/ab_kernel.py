@@ -5,13 +5,13 @@
     python3 scripts/ab_kernel.py scratch/forward_base.py [scratch/other.py ...] [SHAPE ...]
     python3 scripts/ab_kernel.py scratch/forward_base.py scratch/forward_base.py:pingpong=1 current:pingpong=1
 
-Times static-FP8 output (or `format=bf16|group|nvfp4`) on the PREFILL shapes whose names contain a SHAPE (all by default) and
-the bench.EXTRA_PREFILL shapes named in full, the versions in turn over 5 rounds (the first is
-the base; the working tree's kernel is "current", always timed); prints medians and each
-version / base. A version may name WsConfig options to run with (`:option=N[:...]`; on
-non-causal shapes the launcher may switch to three consumers, launch.for_problem:
-`:auto_consumers=0` keeps two). The files must keep the kernel's signature (launch.py passes
-the same arguments)."""
+Times static-FP8 output (or `format=bf16|group|nvfp4`) on the PREFILL shapes whose names contain
+a SHAPE (all by default) and the bench.EXTRA_PREFILL shapes named in full, the versions in turn
+over 5 rounds (the first is the base; the working tree's kernel is "current", always timed);
+prints medians, each version / base, and how far each version's output is from the base's. A
+version may name WsConfig options to run with (`:option=N[:...]`; on non-causal shapes the
+launcher may switch to three consumers, launch.for_problem: `:auto_consumers=0` keeps two). The
+files must keep the kernel's signature (launch.py passes the same arguments)."""
 
 import importlib.util
 import sys
@@ -69,7 +69,8 @@ for name, q, k, v, causal, scale, flops in _prefill_cases(shapes):
     fns = [run_as(version, call, q.shape[-1], v.shape[-1]) for version in versions]
     outs = [fn() for fn in fns]  # (compiled before the timed rounds; outputs must agree)
     outs = [(o[0] if isinstance(o, tuple) else o).float() for o in outs]
-    diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
+    diffs = [(o - outs[0]).abs().max().item() for o in outs]  # each version's output against the base's
     times = _interleaved(fns, rounds=5)
-    print(f"  {name:<18} " + "  ".join(f"{version} {t:6.0f} ({flops / t * 1e-6:3.0f} TF, {t / times[0]:5.3f})"
-                                      for version, t in zip(versions, times)) + f"  max|out diff| {diff:.3g}", flush=True)
+    print(f"  {name:<18} " + "  ".join(f"{version} {t:6.0f} ({flops / t * 1e-6:3.0f} TF, {t / times[0]:5.3f}, "
+                                      f"max|out - base| {diff:.3g})"
+                                      for version, t, diff in zip(versions, times, diffs)), flush=True)
