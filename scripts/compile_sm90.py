@@ -146,40 +146,57 @@ VARIANTS = {
 
 
 def ptxas_report(ptx: str) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    r = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
-    os.unlink(f.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull], capture_output=True,
+                           text=True)
     return " | ".join(line.split("info    :")[-1].strip() for line in r.stderr.splitlines()
                       if "registers" in line or "spill" in line or "serialized" in line)
 
 
+def sass_text(cubin: bytes) -> str:
+    """cuobjdump's SASS listing of a cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([os.path.join(NV_BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def wgmma_loops(sass: str):
+    """The innermost loops that issue wgmmas (HGMMA), as (first address, last address, their
+    instructions), in address order."""
+    code = [(int(m.group(1), 16), m.group(2).strip())
+            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    # loop back edges: predicated backward branches (the unconditional ones jump back from
+    # out-of-line mbarrier retry code)
+    loops = [(int(m.group(1), 16), addr) for addr, ins in code
+             if (m := re.match(r"@!?U?P\d\s+BRA (?:`\()?0x([0-9a-f]+)", ins)) and int(m.group(1), 16) <= addr]
+    with_mma = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and "HGMMA" in i for a, i in code)]
+    innermost = sorted((lo, hi) for lo, hi in with_mma
+                       if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in with_mma))
+    return [(lo, hi, [i for a, i in code if lo <= a <= hi]) for lo, hi in innermost]
+
+
+def is_masked(body) -> bool:
+    """A masked loop (the causal diagonal, the ragged end of the keys) is told by its mask: 32 or
+    more FSELs of -inf."""
+    return sum(1 for i in body if i.startswith("FSEL") and "-INF" in i) >= 32
+
+
 def wgmma_loop_spills(cubin: bytes):
     """Local-memory loads/stores (spills) inside the innermost loops that issue wgmmas (SASS):
-    (in the unmasked loops, in the masked ones). The masked loops (the causal diagonal, the
-    ragged end of the keys) are told by their mask, 32 or more FSELs of -inf.
+    (in the unmasked loops, in the masked ones).
 
     The persistent Gluon kernel keeps a few kernel-wide values (strides, schedule scalars)
     on the stack across the warpgroups' register reallocation and reloads them once per
     tile; that costs nothing. A spill inside a K/V loop would cost every block."""
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    sass = subprocess.run([os.path.join(NV_BIN, "cuobjdump"), "-sass", f.name], capture_output=True,
-                          text=True, check=True).stdout
-    os.unlink(f.name)
-    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    # loop back edges: predicated backward branches (the unconditional ones jump back from
-    # out-of-line mbarrier retry code)
-    loops = [(int(m.group(1), 16), addr) for addr, ins in code
-             if (m := re.match(r"\s*@!?U?P\d\s+BRA (?:`\()?0x([0-9a-f]+)", ins)) and int(m.group(1), 16) <= addr]
-    with_mma = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and "HGMMA" in i for a, i in code)]
-    innermost = [(lo, hi) for lo, hi in with_mma
-                 if not any((lo, hi) != (a, b) and lo <= a and b <= hi for a, b in with_mma)]
     spills = [0, 0]
-    for lo, hi in innermost:
-        body = [i for a, i in code if lo <= a <= hi]
-        masked = sum(1 for i in body if i.startswith("FSEL") and "-INF" in i) >= 32
-        spills[masked] += sum(1 for i in body if re.match(r"\s*(@\S+\s+)?(LDL|STL)", i))
+    for _, _, body in wgmma_loops(sass_text(cubin)):
+        spills[is_masked(body)] += sum(1 for i in body if re.match(r"(@\S+\s+)?(LDL|STL)", i))
     return tuple(spills)
 
 
