@@ -11,7 +11,8 @@
 Prefill rows report µs and TFLOP/s (2*B*H*Sq*Sk*(D+Dv), halved for causal) for the Hopper
 Gluon kernel and the portable one; decode rows report µs and the TB/s at which K and V are
 read. Times are medians of triton.testing.do_bench. Baselines: torch SDPA (cuDNN backend where it accepts the
-shape), and SDPA followed by a torch.compile'd static FP8 quantization of its output.
+shape), SDPA followed by a torch.compile'd static FP8 quantization of its output, PERF.md's FA4
+numbers, and FA4 itself (flash_attn.cute, bf16 out) timed in the same run where it is importable.
 """
 
 from __future__ import annotations
