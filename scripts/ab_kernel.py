@@ -16,7 +16,9 @@ files must keep the kernel's signature (launch.py passes the same arguments)."""
 import importlib.util
 import sys
 from dataclasses import replace
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's attnquant without PYTHONPATH
 from attnquant.bench import _gluon_format_calls, _interleaved, _prefill_cases, _with_config
 from attnquant.kernels.hopper import forward, launch
 
