@@ -1,0 +1,86 @@
+"""Writes scratch/fx_trace.py: the committed kernel (attnquant/kernels/hopper/forward.py) with
+%clock marks per consumer step and per tile (two-consumer kernels: the causal shapes), stored
+into the workspace past the scheduler's counter (scripts/trace_consumers.py gives it a big one).
+Layout (int32, from TileCounter + 1024): steps[(pid*2+WG)][g % 256][4], then from
++ 264*1024: tiles[(pid*2+WG)][i % 64][4]. Step events: 0 before the K wait, 1 after the
+QK^T and PV issue, 2 after S is ready, 3 after the release. Tile events: 0 unit start, 1 Q ready,
+2 after the first block's softmax, 3 the last PV done.
+The marks add ~24 instructions a step and ~10 % to mla's time (perf-notes v38).
+    python3 scripts/trace_kernel.py && PYTHONPATH=$PWD python3 scripts/trace_consumers.py mla"""
+from pathlib import Path
+
+src = open("attnquant/kernels/hopper/forward.py").read()
+
+
+def sub(old, new, count=1):
+    global src
+    assert src.count(old) == count, (old, src.count(old))
+    src = src.replace(old, new)
+
+
+MARK = '''
+
+@gluon.jit
+def _mark(ptr, idx, x):
+    """%clock into ptr[idx], from the thread holding row 0 of x (a [64] row vector)."""
+    c = gl.inline_asm_elementwise("mov.u32 $0, %clock;", "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+    r = gl.arange(0, x.shape[0], layout=x.type.layout)
+    gl.store(ptr + idx + r * 0, c, mask=r == 0)
+
+'''
+at = src.index("\n\n@gluon.jit\ndef _pipelined_block")
+src = src[:at] + MARK + src[at:]
+sub("def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
+    "def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,")
+sub("gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
+    "gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,", 2)
+sub("""    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
+    mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
+    if PINGPONG:  # my turn""", """    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
+    ts = (g % 256) * 4
+    _mark(trace, ts, m_i)
+    mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
+    if PINGPONG:  # my turn""")
+sub("""    s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
+""", """    _mark(trace, ts + 1, m_i)
+    s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
+    _mark(trace, ts + 2, m_i)
+""")
+sub("""    mbarrier.arrive(kv_empty.index(slot))  # K_g and V_{g-1} consumed
+    return acc, p, m_i, l_i, alpha""", """    mbarrier.arrive(kv_empty.index(slot))  # K_g and V_{g-1} consumed
+    _mark(trace, ts + 3, m_i)
+    return acc, p, m_i, l_i, alpha""")
+sub("""def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+""", """def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, trace, tiles,
+""")
+sub("""_consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+                                       m0,""", """_consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+                                       trace, tiles, m0,""")
+sub("""    pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
+    STASH_STRIDES""", """    pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
+    trace = SplitFlags + 1023 + (pid * 2 + WG) * 1024
+    tiles = SplitFlags + 1023 + 264 * 1024 + (pid * 2 + WG) * 256
+    STASH_STRIDES""")
+sub("""    gb = g0 - j_lo  # ring block of key block j: gb + j
+
+    mbarrier.wait(q_bar.index(WG), tile_idx & 1)
+""", """    gb = g0 - j_lo  # ring block of key block j: gb + j
+
+    tt = (tile_idx % 64) * 4
+    _mark(tiles, tt, m_i)
+    mbarrier.wait(q_bar.index(WG), tile_idx & 1)
+    _mark(tiles, tt + 1, m_i)
+""")
+sub("""        for j in range(j_lo + 1, n_full):
+            acc, p, m_i, l_i, alpha = _pipelined_block(""", """        _mark(tiles, tt + 2, m_i)
+        for j in range(j_lo + 1, n_full):
+            acc, p, m_i, l_i, alpha = _pipelined_block(""")
+sub("""                              is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
+    else:""", """                              is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
+        _mark(tiles, tt + 3, m_i)
+    else:""")
+Path("scratch").mkdir(exist_ok=True)
+Path("scratch/fx_trace.py").write_text(src)
+print("wrote scratch/fx_trace.py")
