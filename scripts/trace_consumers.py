@@ -19,7 +19,7 @@ from attnquant.kernels.hopper import forward, launch  # noqa: E402
 spec = importlib.util.spec_from_file_location("attnquant.kernels.hopper._trace", "scratch/fx_trace.py")
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-BUF = torch.zeros(1 << 21, dtype=torch.int32, device="cuda")
+BUF = torch.zeros(1 << 22, dtype=torch.int32, device="cuda")
 real_ws = launch.workspace
 OUT = os.environ.get("OUT", "/tmp")
 
@@ -41,8 +41,8 @@ TRACE_CACHE = {}
 
 def analyse(raw, tag):
     raw = raw.astype(np.int64) & 0xFFFFFFFF
-    steps = raw[1024:1024 + 264 * 1024].reshape(132, 2, 256, 4)
-    tiles = raw[1024 + 264 * 1024:1024 + 264 * 1024 + 264 * 256].reshape(132, 2, 64, 4)
+    steps = raw[1024:1024 + 264 * 8192].reshape(132, 2, 2048, 4)
+    tiles = raw[1024 + 264 * 8192:1024 + 264 * 8192 + 264 * 256].reshape(132, 2, 64, 4)
     ref = (tiles[:, 0, 0, 0] - 200000)[:, None, None, None]
     st = np.where(steps > 0, (steps - ref) % (1 << 32), -1)
     ti = np.where(tiles > 0, (tiles - ref) % (1 << 32), -1)

@@ -1,8 +1,8 @@
 """Writes scratch/fx_trace.py: the committed kernel (attnquant/kernels/hopper/forward.py) with
 %clock marks per consumer step and per tile (two-consumer kernels: the causal shapes), stored
 into the workspace past the scheduler's counter (scripts/trace_consumers.py gives it a big one).
-Layout (int32, from TileCounter + 1024): steps[(pid*2+WG)][g % 256][4], then from
-+ 264*1024: tiles[(pid*2+WG)][i % 64][4]. Step events: 0 before the K wait, 1 after the
+Layout (int32, from TileCounter + 1024): steps[(pid*2+WG)][g % 2048][4], then from
++ 264*8192: tiles[(pid*2+WG)][i % 64][4]. Step events: 0 before the K wait, 1 after the
 QK^T and PV issue, 2 after S is ready, 3 after the release. Tile events: 0 unit start, 1 Q ready,
 2 after the first block's softmax, 3 the last PV done.
 The marks add ~24 instructions a step and ~10 % to mla's time (perf-notes v38).
@@ -37,7 +37,7 @@ sub("gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
 sub("""    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
     if PINGPONG:  # my turn""", """    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
-    ts = (g % 256) * 4
+    ts = (g % 2048) * 4
     _mark(trace, ts, m_i)
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
     if PINGPONG:  # my turn""")
@@ -58,8 +58,8 @@ sub("""_consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty
                                        trace, tiles, m0,""")
 sub("""    pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
     STASH_STRIDES""", """    pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
-    trace = SplitFlags + 1023 + (pid * 2 + WG) * 1024
-    tiles = SplitFlags + 1023 + 264 * 1024 + (pid * 2 + WG) * 256
+    trace = SplitFlags + 1023 + (pid * 2 + WG) * 8192
+    tiles = SplitFlags + 1023 + 264 * 8192 + (pid * 2 + WG) * 256
     STASH_STRIDES""")
 sub("""    gb = g0 - j_lo  # ring block of key block j: gb + j
 
