@@ -2,7 +2,8 @@
 marked kernel to scratch/fx_trace.py): per step and per tile, on every CTA, with and without the
 ping-pong; prints medians (step period and its parts, the warpgroups' phase, per-tile costs) and
 saves the raw marks to $OUT/trace_<shape>[_pp].npz.
-    python3 scripts/trace_kernel.py && PYTHONPATH=$PWD python3 scripts/trace_consumers.py [shape ...]"""
+    python3 scripts/trace_kernel.py && PYTHONPATH=$PWD python3 scripts/trace_consumers.py [shape ...] [trace=FILE] [pp=0]
+("base" is the committed kernel; max|out diff| is the marked kernel's output against it)."""
 import importlib.util
 import os
 import sys
@@ -16,7 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnquant.bench import _gluon_format_calls, _prefill_cases, _with_config, bench  # noqa: E402
 from attnquant.kernels.hopper import forward, launch  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("attnquant.kernels.hopper._trace", "scratch/fx_trace.py")
+# trace=FILE: another marked kernel (scripts/trace_kernel.py SOURCE FILE); pp=0: without the ping-pong runs
+opts = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+TRACED = opts.get("trace", "scratch/fx_trace.py")
+spec = importlib.util.spec_from_file_location("attnquant.kernels.hopper._trace", TRACED)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 BUF = torch.zeros(1 << 22, dtype=torch.int32, device="cuda")
@@ -94,12 +98,13 @@ def analyse(raw, tag):
     return P
 
 
-shapes = sys.argv[1:] or ["mla"]
+shapes = [a for a in sys.argv[1:] if "=" not in a] or ["mla"]
+label = Path(TRACED).stem.replace("fx_trace", "")
 for name, q, k, v, causal, scale, flops in _prefill_cases(shapes):
     call = _gluon_format_calls(q, k, v, causal, scale)[1]
     d, dv = q.shape[-1], v.shape[-1]
-    for tag, opts in (("", {}), ("_pp", {"pingpong": True})):
-        cfg = replace(launch.ws_config(d, dv), **opts)
+    for tag, cfg_opts in (("", {}), ("_pp", {"pingpong": True}))[:1 if opts.get("pp") == "0" else 2]:
+        cfg = replace(launch.ws_config(d, dv), **cfg_opts)
         base = _with_config(launch, cfg, call)
         tr = traced(_with_config(launch, cfg, call))
         ref = base()
@@ -111,5 +116,5 @@ for name, q, k, v, causal, scale, flops in _prefill_cases(shapes):
         BUF.zero_()
         tr()
         torch.cuda.synchronize()
-        print(f"\n{name}{tag}: base {tb:.0f} µs, traced {tt:.0f} µs (max|out diff| {diff})")
-        analyse(BUF.cpu().numpy(), name + tag)
+        print(f"\n{name}{tag} {TRACED}: base {tb:.0f} µs, traced {tt:.0f} µs (max|out diff| {diff})")
+        analyse(BUF.cpu().numpy(), name + tag + label)

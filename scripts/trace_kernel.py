@@ -6,10 +6,13 @@ Layout (int32, from TileCounter + 1024): steps[(pid*2+WG)][g % 2048][4], then fr
 QK^T and PV issue, 2 after S is ready, 3 after the release. Tile events: 0 unit start, 1 Q ready,
 2 after the first block's softmax, 3 the last PV done.
 The marks add ~24 instructions a step and ~10 % to mla's time (perf-notes v38).
-    python3 scripts/trace_kernel.py && PYTHONPATH=$PWD python3 scripts/trace_consumers.py mla"""
+    python3 scripts/trace_kernel.py && PYTHONPATH=$PWD python3 scripts/trace_consumers.py mla
+    python3 scripts/trace_kernel.py scratch/variant.py scratch/fx_trace_variant.py   (another version)"""
+import sys
 from pathlib import Path
 
-src = open("attnquant/kernels/hopper/forward.py").read()
+source, target = (sys.argv[1:] + ["attnquant/kernels/hopper/forward.py", "scratch/fx_trace.py"][len(sys.argv[1:]):])[:2]
+src = open(source).read()
 
 
 def sub(old, new, count=1):
@@ -81,6 +84,6 @@ sub("""                              is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
         _mark(tiles, tt + 3, m_i)
     else:""")
-Path("scratch").mkdir(exist_ok=True)
-Path("scratch/fx_trace.py").write_text(src)
-print("wrote scratch/fx_trace.py")
+Path(target).parent.mkdir(exist_ok=True)
+Path(target).write_text(src)
+print("wrote", target)
