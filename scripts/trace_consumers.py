@@ -23,12 +23,13 @@ TRACED = opts.get("trace", "scratch/fx_trace.py")
 spec = importlib.util.spec_from_file_location("attnquant.kernels.hopper._trace", TRACED)
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-BUF = torch.zeros(1 << 22, dtype=torch.int32, device="cuda")
-real_ws = launch.workspace
+BUF = torch.zeros(1 << 22, dtype=torch.int32, device="cuda")  # the marked kernel's workspace (trace_kernel.py)
 OUT = os.environ.get("OUT", "/tmp")
+TRACE_CACHE = {}  # the marked kernel's own launch cache (launch._COMPILED is keyed on the config, not the kernel)
 
 
 def traced(fn):
+    """fn with the marked kernel, its launch cache and the big workspace."""
     def run():
         saved = forward.attn_fwd_ws_kernel, launch._COMPILED, launch.workspace
         forward.attn_fwd_ws_kernel, launch._COMPILED, launch.workspace = mod.attn_fwd_ws_kernel, TRACE_CACHE, \
@@ -38,9 +39,6 @@ def traced(fn):
         finally:
             forward.attn_fwd_ws_kernel, launch._COMPILED, launch.workspace = saved
     return run
-
-
-TRACE_CACHE = {}
 
 
 def analyse(raw, tag):
