@@ -78,12 +78,10 @@ sub("""        for j in range(j_lo + 1, n_full):
             acc, p, m_i, l_i, alpha = _pipelined_block(""", """        _mark(tiles, tt + 2, m_i)
         for j in range(j_lo + 1, n_full):
             acc, p, m_i, l_i, alpha = _pipelined_block(""")
-sub("""                              is_async=True)
+last_pv = """                              is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
-    else:""", """                              is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(o_tok,))
-        _mark(tiles, tt + 3, m_i)
-    else:""")
+"""
+sub(last_pv, last_pv + "        _mark(tiles, tt + 3, m_i)\n")
 Path(target).parent.mkdir(exist_ok=True)
 Path(target).write_text(src)
 print("wrote", target)

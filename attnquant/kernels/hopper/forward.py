@@ -43,6 +43,8 @@ into one multiply-add before exp2). The epilogue writes the same formats with th
 same arithmetic as the portable kernel's (kernels/epilogue.py).
 """
 
+import struct
+
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -81,6 +83,32 @@ def _rescale_asm(n):
 # O's rescale in asm blocks of 32 values of a thread (16 at Dv = 32, where a thread holds 16)
 _RESCALE_ASM = gl.constexpr({n: _rescale_asm(n) for n in (16, 32)})
 _RESCALE_CONSTRAINTS = gl.constexpr({n: ",".join(["=r"] * n + ["r"] * (3 * n)) for n in (16, 32)})
+
+
+def _fp8_pair_asm(fp8_max, fmt):
+    """PTX: two fp32 values ($1 the lower column, $2 the upper) to one 16-bit register of two fp8
+    codes, the lower column in the low byte. The max with -FP8_MAX is _to_fp8's lower clamp (it
+    also sends NaN there, as max.f32 returns the other operand); cvt's .satfinite is its upper
+    clamp (values past the largest finite one, and +inf, become it)."""
+    neg = f"0f{struct.unpack('<I', struct.pack('<f', -fp8_max))[0]:08X}"
+    return (f"{{ .reg .f32 lo, hi;\n max.f32 lo, $1, {neg};\n max.f32 hi, $2, {neg};\n"
+            f" cvt.rn.satfinite.{fmt}.f32 $0, hi, lo; }}")
+
+
+# by the format's largest finite value: e4m3fn, e5m2
+_FP8_PAIR_ASM = gl.constexpr({448.0: _fp8_pair_asm(448.0, "e4m3x2"), 57344.0: _fp8_pair_asm(57344.0, "e5m2x2")})
+
+
+@gluon.jit
+def _fp8_pairs(o, FP8_MAX: gl.constexpr):
+    """o [rows, cols] fp32 -> [rows, cols / 2] int16, each the fp8 codes of columns 2c, 2c + 1 with
+    _to_fp8's saturation, bit for bit what _to_fp8(o).to(fp8) holds. The wgmma layout gives a
+    thread neighbouring column pairs, so the split moves no data; converted and stored as
+    pairs, the fp8 output skips what Triton makes of o.to(fp8) followed by a byte store (each
+    pair unpacked into bytes and packed again: ~100 instructions a tile)."""
+    lo, hi = gl.split(gl.reshape(o, [o.shape[0], o.shape[1] // 2, 2]))
+    return gl.inline_asm_elementwise(_FP8_PAIR_ASM[FP8_MAX], "=h,r,r", [lo, hi], dtype=gl.int16,
+                                     is_pure=True, pack=1)
 
 
 # Hardware named barriers for the consumers' ping-pong (FA3's warp-scheduler barriers): ids
@@ -687,6 +715,15 @@ def _tile_epilogue(acc, m_i, l_i, epilogue, WG: gl.constexpr, DV: gl.constexpr, 
 
 
 @gluon.jit
+def _saturate(o, FP8_MAX: gl.constexpr, OUT_KIND: gl.constexpr):
+    """_to_fp8 for the FP8 formats (OUT_KIND 1, 2), o itself for the plain one."""
+    if OUT_KIND == 0:
+        return o
+    else:
+        return _to_fp8(o, FP8_MAX, 0, 0, False)
+
+
+@gluon.jit
 def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, bs_rows, head, stride_bsg,
                   whole, o_desc, o_smem, o_row, o_col, DV: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr,
                   UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, layout: gl.constexpr):
@@ -706,7 +743,7 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
         o = acc * row_factor[:, None]
     elif OUT_KIND == 1:
         inv_scale = 1.0 / gl.load(OutScale)
-        o = _to_fp8(acc * (row_factor * inv_scale)[:, None], FP8_MAX, 0, 0, False)
+        o = acc * (row_factor * inv_scale)[:, None]
     elif OUT_KIND == 3:
         ROWS: gl.constexpr = acc.shape[0]
         NB: gl.constexpr = DV // 16
@@ -743,21 +780,25 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
             # one division per row and group, then multiplies: a division per element (div.full,
             # ~8 instructions) was most of this epilogue; exact for UE8M0's powers of two
             inv_scales = gl.where(in_g, (1.0 / sc)[:, None], inv_scales)
-        o = _to_fp8(o * inv_scales, FP8_MAX, 0, 0, False)
+        o = o * inv_scales
     if OUT_KIND != 3:  # (NVFP4 stored its bytes above)
-        o = o.to(Out.dtype.element_ty)
         # Two register-store branches: with `if TMA_STORE and whole` Gluon would also compile
         # the TMA branch when TMA_STORE is off, against the dummy o_desc / o_smem.
         if TMA_STORE:
             if whole:
                 tma.store_wait(0)  # this warpgroup's previous tile has left o_smem
-                o_smem.store(o)
+                if OUT_KIND == 0:
+                    o_smem.store(o.to(Out.dtype.element_ty))
+                else:  # FP8 as code pairs, through a 16-bit view of the same bytes (same swizzle)
+                    pair_layout: gl.constexpr = gl.NVMMASharedLayout(o_smem.layout.swizzle_byte_width, 16)
+                    o_smem._reinterpret(gl.int16, [o.shape[0], DV // 2], pair_layout).store(
+                        _fp8_pairs(o, FP8_MAX))
                 fence_async_shared()  # the generic-proxy writes, visible to the TMA (async proxy)
                 tma.async_copy_shared_to_global(o_desc, [o_row, o_col], o_smem)
             else:
-                gl.store(ptrs, o, mask=mask)
+                gl.store(ptrs, _saturate(o, FP8_MAX, OUT_KIND).to(Out.dtype.element_ty), mask=mask)
         else:
-            gl.store(ptrs, o, mask=mask)
+            gl.store(ptrs, _saturate(o, FP8_MAX, OUT_KIND).to(Out.dtype.element_ty), mask=mask)
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section", "split_from", "split_parts"])
