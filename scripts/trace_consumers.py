@@ -44,7 +44,7 @@ def traced(fn):
 def analyse(raw, tag):
     raw = raw.astype(np.int64) & 0xFFFFFFFF
     steps = raw[1024:1024 + 264 * 8192].reshape(132, 2, 2048, 4)
-    tiles = raw[1024 + 264 * 8192:1024 + 264 * 8192 + 264 * 256].reshape(132, 2, 64, 4)
+    tiles = raw[1024 + 264 * 8192:1024 + 264 * 8192 + 264 * 256].reshape(132, 2, 32, 8)
     ref = (tiles[:, 0, 0, 0] - 200000)[:, None, None, None]
     st = np.where(steps > 0, (steps - ref) % (1 << 32), -1)
     ti = np.where(tiles > 0, (tiles - ref) % (1 << 32), -1)
@@ -92,6 +92,19 @@ def analyse(raw, tag):
     ep = ti[:, :, 1:, 0] - ti[:, :, :-1, 3]
     m2 = (ti[:, :, 1:, 0] >= 0) & (ti[:, :, :-1, 3] >= 0)
     print(f"   last PV -> next tile start (epilogue, tile hand-over) median {np.median(ep[m2]):.0f} clk")
+    # the epilogue's parts (events 4-7, where trace_kernel.py could mark them), per warpgroup
+    t, nxt = ti[:, :, :-1, :], ti[:, :, 1:, 0]
+    for w in range(2):
+        parts = []
+        for name, a, b in (("values", 3, 4), ("smem + TMA", 4, 5), ("rest", 5, 6), ("read id", 6, 7)):
+            m = (t[:, w, :, a] >= 0) & (t[:, w, :, b] >= 0)
+            if m.any():
+                parts.append(f"{name} {np.median((t[:, w, :, b] - t[:, w, :, a])[m]):.0f}")
+        m = (t[:, w, :, 7] >= 0) & (nxt[:, w] >= 0)
+        if m.any():
+            parts.append(f"-> next start {np.median((nxt[:, w] - t[:, w, :, 7])[m]):.0f}")
+        if parts:
+            print(f"   WG{w} epilogue, medians in clk: " + ", ".join(parts))
     # last step release -> last PV done
     return P
 

@@ -2,9 +2,11 @@
 %clock marks per consumer step and per tile (two-consumer kernels: the causal shapes), stored
 into the workspace past the scheduler's counter (scripts/trace_consumers.py gives it a big one).
 Layout (int32, from TileCounter + 1024): steps[(pid*2+WG)][g % 2048][4], then from
-+ 264*8192: tiles[(pid*2+WG)][i % 64][4]. Step events: 0 before the K wait, 1 after the
++ 264*8192: tiles[(pid*2+WG)][i % 32][8]. Step events: 0 before the K wait, 1 after the
 QK^T and PV issue, 2 after S is ready, 3 after the release. Tile events: 0 unit start, 1 Q ready,
-2 after the first block's softmax, 3 the last PV done.
+2 after the first block's softmax, 3 the last PV done; where the kernel's epilogue has the
+committed shape (else they stay 0): 4 the output values computed, 5 the TMA store issued, 6 the
+epilogue returned, 7 the next unit's id read (perf-notes v39).
 The marks add ~24 instructions a step and ~10 % to mla's time (perf-notes v38).
     python3 scripts/trace_kernel.py && PYTHONPATH=$PWD python3 scripts/trace_consumers.py mla
     python3 scripts/trace_kernel.py scratch/variant.py scratch/fx_trace_variant.py   (another version)"""
@@ -69,7 +71,7 @@ sub("""    gb = g0 - j_lo  # ring block of key block j: gb + j
     mbarrier.wait(q_bar.index(WG), tile_idx & 1)
 """, """    gb = g0 - j_lo  # ring block of key block j: gb + j
 
-    tt = (tile_idx % 64) * 4
+    tt = (tile_idx % 32) * 8
     _mark(tiles, tt, m_i)
     mbarrier.wait(q_bar.index(WG), tile_idx & 1)
     _mark(tiles, tt + 1, m_i)
@@ -82,6 +84,46 @@ last_pv = """                              is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
 """
 sub(last_pv, last_pv + "        _mark(tiles, tt + 3, m_i)\n")
+# The epilogue's marks (events 4-7): only where its code has the committed kernel's shape.
+EPILOGUE = [
+    ("""        else:
+            _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+                           TMA_STORE, STASH_STRIDES)
+        g += j_hi - j_lo
+        i += 1
+        unit = _read_tile(tile_ids, tile_full, tile_empty, i)""", """        else:
+            _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+                           TMA_STORE, STASH_STRIDES, tiles, (i % 32) * 8)
+            _mark(tiles, (i % 32) * 8 + 6, m_i)
+        g += j_hi - j_lo
+        i += 1
+        unit = _read_tile(tile_ids, tile_full, tile_empty, i)
+        _mark(tiles, ((i - 1) % 32) * 8 + 7, m_i)"""),
+    ("""                _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+                               TMA_STORE, STASH_STRIDES)""", """                _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+                               TMA_STORE, STASH_STRIDES, tiles, 0)"""),
+    ("TMA_STORE: gl.constexpr, STASHED_STRIDES: gl.constexpr):", "TMA_STORE: gl.constexpr, STASHED_STRIDES: gl.constexpr, tiles, tt):"),
+    ("""                  TMA_STORE, o_layout)
+    if STORE_LSE:""", """                  TMA_STORE, o_layout, tiles, tt)
+    if STORE_LSE:"""),
+    ("UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, layout: gl.constexpr):",
+     "UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, layout: gl.constexpr, tiles, tt):"),
+    ("""    if OUT_KIND != 3:  # (NVFP4 stored its bytes above)
+""", """    if OUT_KIND != 3:  # (NVFP4 stored its bytes above)
+        _mark(tiles, tt + 4, row_factor)
+"""),
+    ("""                tma.async_copy_shared_to_global(o_desc, [o_row, o_col], o_smem)
+""", """                tma.async_copy_shared_to_global(o_desc, [o_row, o_col], o_smem)
+                _mark(tiles, tt + 5, row_factor)
+"""),
+]
+# (the definition and the two calls of the committed kernel: a version that calls the epilogue
+# elsewhere too, like v31's, would miss the new arguments there)
+if src.count("_tile_epilogue(") == 3 and all(src.count(old) == 1 for old, _ in EPILOGUE):
+    for old, new in EPILOGUE:
+        sub(old, new)
+else:
+    print("epilogue marks left out: the epilogue's code differs from the committed kernel's")
 Path(target).parent.mkdir(exist_ok=True)
 Path(target).write_text(src)
 print("wrote", target)
