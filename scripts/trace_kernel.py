@@ -35,10 +35,10 @@ def _mark(ptr, idx, x):
 '''
 at = src.index("\n\n@gluon.jit\ndef _pipelined_block")
 src = src[:at] + MARK + src[at:]
-sub("def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
-    "def _pipelined_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,")
-sub("gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
-    "gb + j, j, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,", 2)
+sub("def _pipelined_block(g, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
+    "def _pipelined_block(g, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,")
+sub("gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
+    "gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,", 3)
 sub("""    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
     if PINGPONG:  # my turn""", """    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
@@ -76,10 +76,10 @@ sub("""    gb = g0 - j_lo  # ring block of key block j: gb + j
     mbarrier.wait(q_bar.index(WG), tile_idx & 1)
     _mark(tiles, tt + 1, m_i)
 """)
-sub("""        for j in range(j_lo + 1, n_full):
-            acc, p, m_i, l_i, alpha = _pipelined_block(""", """        _mark(tiles, tt + 2, m_i)
-        for j in range(j_lo + 1, n_full):
-            acc, p, m_i, l_i, alpha = _pipelined_block(""")
+sub("""        if CAUSAL:
+            # One loop""", """        _mark(tiles, tt + 2, m_i)
+        if CAUSAL:
+            # One loop""")
 last_pv = """                              is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
 """
