@@ -609,7 +609,7 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
         if CAUSAL:
             # One loop, the mask under a branch: every causal tile runs its diagonal block, so a
             # masked copy of the loop is instruction-cache working set that each tile fetches
-            # again (perf-notes v40: 11 % less code, mla 3 % faster).
+            # again (perf-notes v40: 11 % less code, mla 1-3 % faster).
             for j in range(j_lo + 1, j_hi):
                 acc, p, m_i, l_i, alpha = _pipelined_block(
                     gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i,
