@@ -38,7 +38,7 @@ src = src[:at] + MARK + src[at:]
 sub("def _pipelined_block(g, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
     "def _pipelined_block(g, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,")
 sub("gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc,",
-    "gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,", 3)
+    "gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, trace, acc,", 2)
 sub("""    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
     if PINGPONG:  # my turn""", """    slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
@@ -77,9 +77,9 @@ sub("""    gb = g0 - j_lo  # ring block of key block j: gb + j
     _mark(tiles, tt + 1, m_i)
 """)
 sub("""        if CAUSAL:
-            # One loop""", """        _mark(tiles, tt + 2, m_i)
+            LOOP_MASK""", """        _mark(tiles, tt + 2, m_i)
         if CAUSAL:
-            # One loop""")
+            LOOP_MASK""")
 last_pv = """                              is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
 """
