@@ -16,6 +16,7 @@ calls are safe under CUDA-graph capture.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -34,6 +35,10 @@ _FP8_PARAMS = {  # max finite, mantissa bits, exponent of the smallest normal
     torch.float8_e4m3fn: (448.0, 3, -6),
     torch.float8_e5m2: (57344.0, 2, -14),
 }
+# Output dtypes whose fp32 -> dtype conversion Triton's interpreter gets wrong (it truncates
+# bf16 and does not carry an fp8 rounding into the exponent): the epilogue rounds them itself
+# there (epilogue.round_to_fp8_grid). (mantissa bits, exponent of the smallest normal)
+_EMULATED_ROUNDING = {**{dt: p[1:] for dt, p in _FP8_PARAMS.items()}, torch.bfloat16: (7, -126)}
 
 
 # Triton binds a kernel to its interpreter or its compiler when the kernel is decorated, at
@@ -98,35 +103,61 @@ def _check_qkv(q, k, v, q_rank, kv_rank):
         raise ValueError(f"v's head dim {dv} is unsupported: expected a multiple of 16 in [16, 256]")
 
 
-def _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse):
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
-        raise TypeError(f"softmax_scale must be a Python float or None, got {type(softmax_scale).__name__}")
-    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
+# The kernels compute in float32 with softmax_scale * log2(e) and softcap * log2(e) folded into
+# their constants: both must stay normal float32 numbers (a subnormal or infinite constant
+# turns every score into 0, inf or NaN).
+SCALE_RANGE = (2.0 ** -126, 2.0 ** 126)
+
+
+def _as_float(name, x):
+    """A Python float from any real number but a bool (numpy scalars included, as flash-attn
+    takes them)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def _as_int(name, x, lo=None):
+    """A Python int from any integer but a bool (numpy integers included)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    x = int(x)
+    if lo is not None and x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+    return x
+
+
+def _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse, head_dim):
+    """Validate the shared keyword arguments; returns them normalized to Python numbers:
+    (softmax_scale (the default D**-0.5 filled in), window_size, softcap, num_splits)."""
+    lo, hi = SCALE_RANGE
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5
+    softmax_scale = _as_float("softmax_scale", softmax_scale)
+    if not lo <= softmax_scale <= hi:  # (NaN fails too)
+        raise ValueError(f"softmax_scale must be in [2**-126, 2**126] (a normal float32, finite once "
+                         f"multiplied by log2(e)), got {softmax_scale}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be a Python float, got {type(softcap).__name__}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+    softcap = _as_float("softcap", softcap)
+    if softcap != 0 and not (lo <= softcap <= hi and softmax_scale / softcap >= lo):
+        raise ValueError(f"softcap must be 0 (off) or in [2**-126, 2**126] with softmax_scale / softcap >= 2**-126 "
+                         f"(normal float32 constants), got softcap={softcap}, softmax_scale={softmax_scale}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    window_size = (_as_int("window_size[0]", window_size[0]), _as_int("window_size[1]", window_size[1]))
     if min(window_size) < -1:
-        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {tuple(window_size)}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
-        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
+        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {window_size}")
+    num_splits = _as_int("num_splits", num_splits)
     if num_splits < 0:
         raise ValueError(f"num_splits must be >= 0 (0 = heuristic), got {num_splits}")
+    return softmax_scale, window_size, softcap, num_splits
 
 
 def _check_int(name, x, lo=0):
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name} must be a Python int, got {type(x).__name__}")
-    if x < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {x}")
+    return _as_int(name, x, lo)
 
 
 def _check_index_tensor(name, t, device, rank, shape0=None):
@@ -250,10 +281,11 @@ def _prepare_out(p: _Problem, fmt: quant.OutputFormat, out: Optional[torch.Tenso
 
 
 def _epilogue_constexprs(fmt: quant.OutputFormat):
-    fp8_max, mant, emin = _FP8_PARAMS.get(fmt.dtype, (0.0, 0, 0))
+    fp8_max = _FP8_PARAMS[fmt.dtype][0] if fmt.dtype in _FP8_PARAMS else 0.0
+    mant, emin = _EMULATED_ROUNDING.get(fmt.dtype, (0, 0))
     return dict(
-        OUT_KIND=fmt.kind, FP8_MAX=fp8_max, FP8_MANT=mant, FP8_EMIN=emin,
-        EMULATE_FP8_ROUNDING=_interpreting() and (fmt.dtype in _FP8_PARAMS or fmt.kind == quant.NVFP4),
+        OUT_KIND=fmt.kind, FP8_MAX=fp8_max, ROUND_MANT=mant, ROUND_EMIN=emin,
+        EMULATE_ROUNDING=_interpreting() and (fmt.dtype in _EMULATED_ROUNDING or fmt.kind == quant.NVFP4),
         GROUP_SIZE=max(fmt.group_size, 1), UE8M0=fmt.ue8m0,
     )
 
@@ -273,6 +305,9 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
     None reads $ATTNQUANT_BACKEND (default 'auto').
     """
     choice = hopper.requested_backend(backend)
+    lse = torch.empty(p.lse_shape, dtype=torch.float32, device=p.q.device) if return_lse else None
+    if out.numel() == 0:  # an empty problem (B, Sq, H or total_q 0): nothing to launch
+        return out, lse
     group = p.num_heads // p.num_heads_kv
     left, right = window_size
     if causal:
@@ -301,10 +336,7 @@ def _forward(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, softmax_sc
             # decode-sized tiles and calls the split heuristic splits stay portable, unchecked
             # (the decode path's host time is what eager decode pays for)
             use_gluon = hopper.unsupported_reason(p, causal, window_size, softcap, requested_splits, interpret) is None
-    lse = torch.empty(p.lse_shape, dtype=torch.float32, device=p.q.device) if return_lse else None
-    if p.batch == 0 or p.max_seqlen_q == 0 or p.num_heads == 0 or out.numel() == 0:
-        return out, lse
-    scale = p.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale
     tile = ([0, 0, 0, 0, 0, 1] if cfg is None else  # (Gluon picks its tiles; _run plans a fallback if needed)
             [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(cfg.block_ptr), int(use_gluon)])
     # Under torch.compile the call goes through the registered op (which rebuilds the problem
@@ -365,6 +397,11 @@ def _run(p: _Problem, fmt: quant.OutputFormat, out: torch.Tensor, lse: Optional[
         cfg = FwdConfig(tile[0], tile[1], tile[2], tile[3], bool(tile[4]))
     else:  # forced Gluon, whose pointers (seen only here under torch.compile) are not 16-byte aligned
         cfg = _portable_config(p, _interpreting())
+    if _interpreting() and p.q.dtype == torch.bfloat16:
+        # Triton 3.6's interpreter computes tl.dot wrongly for bf16 operands (values ~1e8): run the
+        # kernel on float32 copies there, which hold bf16 values exactly.
+        p = _make_problem(p.q.float(), p.k.float(), p.v.float(), p.max_seqlen_q, p.max_seqlen_k, p.cu_seqlens_q,
+                          p.cu_seqlens_k, p.seqused_k, p.block_table)
     _launch_kernels(p, fmt, out, lse, num_splits, window_left, window_right, softmax_scale, softcap, cfg)
 
 
@@ -506,7 +543,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     | 'triton' (None: $ATTNQUANT_BACKEND, default 'auto'), see _forward.
     """
     _check_qkv(q, k, v, 4, 4)
-    _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
+    softmax_scale, window_size, softcap, num_splits = _check_options(
+        softmax_scale, causal, window_size, softcap, num_splits, return_lse, q.shape[-1])
     b, sq, h, d = q.shape
     _, sk, hkv, dv = v.shape
     if k.shape[0] != b:
@@ -532,14 +570,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     paged = block_table is not None
     _check_qkv(q, k, v, 3, 4 if paged else 3)
-    _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
-    _check_int("max_seqlen_q", max_seqlen_q)
-    _check_int("max_seqlen_k", max_seqlen_k)
+    softmax_scale, window_size, softcap, num_splits = _check_options(
+        softmax_scale, causal, window_size, softcap, num_splits, return_lse, q.shape[-1])
+    max_seqlen_q = _check_int("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_int("max_seqlen_k", max_seqlen_k)
     total_q = q.shape[0]
     _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,))
     batch = cu_seqlens_q.shape[0] - 1
-    if batch < 1:
-        raise ValueError(f"cu_seqlens_q must hold batch + 1 >= 2 entries, got {cu_seqlens_q.shape[0]}")
+    if batch < 0:
+        raise ValueError("cu_seqlens_q must hold batch + 1 >= 1 entries, got none")
     if max_seqlen_q > total_q:
         raise ValueError(f"max_seqlen_q={max_seqlen_q} exceeds the {total_q} query tokens in q")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, batch + 1, total_q, max_seqlen_q)
@@ -584,7 +623,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None
     """
     paged = block_table is not None
     _check_qkv(q, k_cache, v_cache, 4, 4)
-    _check_options(softmax_scale, causal, window_size, softcap, num_splits, return_lse)
+    softmax_scale, window_size, softcap, num_splits = _check_options(
+        softmax_scale, causal, window_size, softcap, num_splits, return_lse, q.shape[-1])
     b, sq = q.shape[:2]
     if paged:
         num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
@@ -594,7 +634,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None
         if k_cache.shape[0] != b:
             raise ValueError(f"k_cache batch {k_cache.shape[0]} must equal q's batch {b} (or pass block_table)")
         page_size, capacity = 1, k_cache.shape[1]
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = int(cache_seqlens)
         if not 0 <= cache_seqlens <= capacity:
             raise ValueError(f"cache_seqlens={cache_seqlens} must lie in [0, {capacity}]")
         cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)

@@ -51,7 +51,7 @@ def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", 
     c = dict(GROUP=group, DV=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv,
              VARLEN_Q=varlen, VARLEN_K=varlen, HAS_SEQUSED=paged, PAGED=paged, PAGE_SIZE=page, BLOCK_PTR=block_ptr,
              WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, STORE_LSE=True,
-             OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0, FP8_MANT=3, FP8_EMIN=-6, EMULATE_FP8_ROUNDING=False,
+             OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0, ROUND_MANT=3, ROUND_EMIN=-6, EMULATE_ROUNDING=False,
              GROUP_SIZE=group_size, UE8M0=ue8m0)
     src = ASTSource(fn=attn_fwd_kernel, signature=signature(attn_fwd_kernel, ptrs, c), constexprs=c)
     return src, dict(num_warps=warps, num_stages=stages)
@@ -60,8 +60,8 @@ def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", 
 def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*fp32", suffix=False, bs="*fp32"):
     ptrs = {"OPart": parts, "LsePart": "*fp32", "OSuffix": parts, "LseSuffix": "*fp32", "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": bs}
-    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, HAS_SUFFIX=suffix, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, FP8_MANT=3, FP8_EMIN=-6,
-             EMULATE_FP8_ROUNDING=False, GROUP_SIZE=group_size, UE8M0=ue8m0)
+    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, HAS_SUFFIX=suffix, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, ROUND_MANT=3, ROUND_EMIN=-6,
+             EMULATE_ROUNDING=False, GROUP_SIZE=group_size, UE8M0=ue8m0)
     return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
 
 

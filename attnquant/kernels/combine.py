@@ -7,14 +7,15 @@ softmax denominator, with that denominator's LSE. For one output row,
     O = sum_s exp(lse_s - M) * O_s / sum_s exp(lse_s - M),   LSE = M + log(sum_s ...)
 with M = max_s lse_s. A split that saw no key has lse -inf and weight 0 (+inf, which
 some kernels write for empty rows, counts as -inf too); a row no split saw writes 0 and
-LSE -inf. The quantization happens here, after the merge,
+LSE -inf; a NaN LSE or a NaN in a partial output makes the row NaN (SPEC: non-finite values
+are never hidden). The quantization happens here, after the merge,
 through the same epilogue as the forward kernel.
 """
 
 import triton
 import triton.language as tl
 
-from .epilogue import store_output
+from .epilogue import nan_max, store_output
 
 
 @triton.jit
@@ -35,8 +36,8 @@ def combine_kernel(
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_SUFFIX: tl.constexpr, STORE_LSE: tl.constexpr,
-    OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-    EMULATE_FP8_ROUNDING: tl.constexpr, GROUP_SIZE: tl.constexpr, UE8M0: tl.constexpr,
+    OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_MANT: tl.constexpr, ROUND_EMIN: tl.constexpr,
+    EMULATE_ROUNDING: tl.constexpr, GROUP_SIZE: tl.constexpr, UE8M0: tl.constexpr,
 ):
     # Rows are (token, head) pairs; tokens run over batch * seqlen (or total_q).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -52,9 +53,9 @@ def combine_kernel(
 
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for s in range(num_splits):
-        m = tl.maximum(m, _load_lse(lp + s * stride_lp_split, row_ok))
+        m = nan_max(m, _load_lse(lp + s * stride_lp_split, row_ok))
     if HAS_SUFFIX:
-        m = tl.maximum(m, _load_lse(lsf, row_ok))
+        m = nan_max(m, _load_lse(lsf, row_ok))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     denom = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -67,14 +68,14 @@ def combine_kernel(
         acc += w[:, None] * tl.load(osf, mask=o_mask, other=0.0).to(tl.float32)
         denom += w
 
-    seen = denom > 0.0
+    seen = denom != 0.0  # (a NaN partial or LSE leaves denom NaN: output and LSE NaN)
     inv = tl.where(seen, 1.0 / tl.where(seen, denom, 1.0), 0.0)
     b = tok // tokens_per_batch
     t = tok % tokens_per_batch
     o_rows = Out + b * stride_ob + t * stride_os + head * stride_oh
     bs_rows = b * stride_bsb + t * stride_bss + head * stride_bsh
     store_output(acc, inv, o_rows, offs_dv, row_ok, OutScale, BlockScale, bs_rows, head, stride_bsg,
-                 DV, OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING, GROUP_SIZE, UE8M0)
+                 DV, OUT_KIND, FP8_MAX, ROUND_MANT, ROUND_EMIN, EMULATE_ROUNDING, GROUP_SIZE, UE8M0)
     if STORE_LSE:
         lse = tl.where(seen, m_use + tl.log(tl.where(seen, denom, 1.0)), float("-inf"))
         tl.store(Lse + b * stride_lb + t * stride_ls + head * stride_lh, lse, mask=row_ok)

@@ -4,6 +4,12 @@ Both end with an fp32 tile `acc` (rows x BLOCK_DV) and a per-row factor (1 / sof
 denominator) and must write one output format, chosen by the OUT_KIND constexpr
 (see attnquant.quant): the format is an epilogue variant, not another kernel.
 Everything is row-local, so the caller only supplies pointers and masks.
+
+Non-finite values are never hidden (SPEC "Non-finite values"): every clamp and every
+maximum here propagates NaN (max.NaN / min.NaN, the same one instruction as the plain
+ones), an infinite output value becomes NaN before it could saturate, and a dequant scale
+that is not a finite positive number makes the whole output NaN. FP8 stores NaN as the
+format's NaN code; NVFP4, which has none, as the block's e4m3 scale byte 0x7F.
 """
 
 import triton
@@ -17,14 +23,41 @@ OUT_NVFP4 = tl.constexpr(3)
 NVFP4_BLOCK = tl.constexpr(16)
 
 
+NAN_PROPAGATE = tl.constexpr(tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_max(a, b):
+    """max(a, b), NaN if either is NaN (a reduction's combine function: tl.max's own combine
+    drops NaN on the GPU, while the interpreter's np.maximum keeps it)."""
+    return tl.maximum(a, b, propagate_nan=NAN_PROPAGATE)
+
+
+@triton.jit
+def nan_if_inf(x):
+    """x, or NaN where x is +-inf (or NaN): x * 0 + x is x for every finite x and NaN
+    otherwise, one FMA. Applied where an infinity would otherwise vanish: an infinite score
+    would give its key weight 0 (-inf) or turn into a finite softcap; an infinite output
+    would saturate to the format's largest value."""
+    return tl.fma(x, 0.0, x)
+
+
+@triton.jit
+def dequant_scale_inverse(s):
+    """1 / s for a dequant scale read on the device; NaN unless s is finite and > 0 (SPEC: such
+    a scale makes every output element NaN, as no host check is possible)."""
+    return tl.where((s > 0.0) & (s < float("inf")), 1.0 / s, float("nan"))
+
+
 @triton.jit
 def round_to_fp8_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
-    """Round fp32 `y` (already clamped to the format's range) to nearest-even on the FP8 grid.
+    """Round fp32 `y` (already clamped to the format's range) to nearest-even on the grid of a
+    float format with MANT mantissa bits and smallest normal exponent EMIN (FP8; bf16 too).
 
     Only used under TRITON_INTERPRET: Triton 3.6's interpreter converts fp32 -> fp8
-    without carrying a mantissa round-up into the exponent (126.8 -> 64 in e4m3), but
-    converts exactly representable values exactly. On a GPU the hardware cvt rounds
-    correctly and this is compiled out.
+    without carrying a mantissa round-up into the exponent (126.8 -> 64 in e4m3) and fp32 ->
+    bf16 by truncation, but converts exactly representable values exactly. On a GPU the
+    hardware cvt rounds correctly and this is compiled out.
     """
     a = tl.abs(y)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
@@ -32,34 +65,42 @@ def round_to_fp8_grid(y, MANT: tl.constexpr, EMIN: tl.constexpr):
     ulp = ((e - MANT + 127) << 23).to(tl.float32, bitcast=True)
     t = a / ulp  # exact: division by a power of two
     r = (t + 8388608.0) - 8388608.0  # round-to-nearest-even of t (0 <= t < 2**23)
-    return tl.where(y < 0, -r * ulp, r * ulp)
+    # The interpreter's fp32 -> fp8 conversion keeps a NaN's top mantissa bits and rounds on the
+    # next one, which for most NaNs spells a finite or infinite value (e4m3: 384): hand it the NaN
+    # whose top MANT mantissa bits are ones and whose rounding bit is zero.
+    nan = tl.full(y.shape, 0x7F800000 | (((1 << MANT) - 1) << (23 - MANT)), tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(y != y, nan, tl.where(y < 0, -r * ulp, r * ulp))
 
 
 @triton.jit
 def _ceil_pow2(x):
-    """2 ** ceil(log2(x)) for positive normal fp32 x, exactly (on the bits, not through log2)."""
+    """2 ** ceil(log2(x)) for positive normal fp32 x, exactly (on the bits, not through log2);
+    NaN stays NaN."""
     bits = x.to(tl.int32, bitcast=True)
     exp = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    return (exp << 23).to(tl.float32, bitcast=True)
+    return tl.where(x == x, (exp << 23).to(tl.float32, bitcast=True), x)
 
 
 @triton.jit
-def _to_fp8(o, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-            EMULATE_FP8_ROUNDING: tl.constexpr):
-    """Saturate to the format's finite range (never NaN/inf); the store's cast rounds."""
-    o = tl.minimum(tl.maximum(o, -FP8_MAX), FP8_MAX)
-    if EMULATE_FP8_ROUNDING:
-        o = round_to_fp8_grid(o, FP8_MANT, FP8_EMIN)
+def _to_fp8(o, FP8_MAX: tl.constexpr, ROUND_MANT: tl.constexpr, ROUND_EMIN: tl.constexpr,
+            EMULATE_ROUNDING: tl.constexpr):
+    """Saturate to the format's finite range (finite values never become NaN/inf; NaN stays
+    NaN); the store's cast rounds."""
+    o = tl.minimum(tl.maximum(o, -FP8_MAX, propagate_nan=NAN_PROPAGATE), FP8_MAX, propagate_nan=NAN_PROPAGATE)
+    if EMULATE_ROUNDING:
+        o = round_to_fp8_grid(o, ROUND_MANT, ROUND_EMIN)
     return o
 
 
 @triton.jit
-def nvfp4_block_scale(amax, gs, EMULATE_FP8_ROUNDING: tl.constexpr):
+def nvfp4_block_scale(amax, gs, EMULATE_ROUNDING: tl.constexpr):
     """NVFP4's block scale SF = e4m3(gs * amax / 6), saturated at 448, as fp32 (exactly the
     e4m3 value the kernel stores), and the factor gs / SF that maps the block onto e2m1's
-    range (0 where SF is 0: the block is all zeros, or its SF underflowed)."""
-    sf = tl.minimum(amax * (gs / 6.0), 448.0)
-    if EMULATE_FP8_ROUNDING:  # (the interpreter: no inline assembly either)
+    range (0 where SF is 0: the block is all zeros, or its SF underflowed). A NaN amax (a NaN
+    in the block) or a gs that is not finite and > 0 gives SF NaN, stored as 0x7F."""
+    gs = tl.where((gs > 0.0) & (gs < float("inf")), gs, float("nan"))
+    sf = tl.minimum(amax * (gs / 6.0), 448.0, propagate_nan=NAN_PROPAGATE)
+    if EMULATE_ROUNDING:  # (the interpreter: no inline assembly either)
         sf = round_to_fp8_grid(sf, 3, -6)
         inv_sf = 1.0 / tl.where(sf > 0.0, sf, 1.0)
     else:
@@ -114,9 +155,9 @@ def store_output(
     DV: tl.constexpr,
     OUT_KIND: tl.constexpr,
     FP8_MAX: tl.constexpr,
-    FP8_MANT: tl.constexpr,
-    FP8_EMIN: tl.constexpr,
-    EMULATE_FP8_ROUNDING: tl.constexpr,
+    ROUND_MANT: tl.constexpr,
+    ROUND_EMIN: tl.constexpr,
+    EMULATE_ROUNDING: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     UE8M0: tl.constexpr,
 ):
@@ -131,11 +172,14 @@ def store_output(
     out_ptrs = out_rows[:, None] + offs_dv[None, :]
     mask = row_ok[:, None] & (offs_dv < DV)[None, :]
     out_ty = out_ptrs.dtype.element_ty
+    acc = nan_if_inf(acc)  # (an infinite O is a fault, not a value to saturate)
     if OUT_KIND == OUT_PLAIN:
         o = acc * row_factor[:, None]
+        if EMULATE_ROUNDING:  # (bf16 in the interpreter)
+            o = round_to_fp8_grid(o, ROUND_MANT, ROUND_EMIN)
     elif OUT_KIND == OUT_FP8_STATIC:  # out = sat(O / scale), 1/scale folded into the 1/rowsum multiply
-        inv_scale = 1.0 / tl.load(OutScale)
-        o = _to_fp8(acc * (row_factor * inv_scale)[:, None], FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING)
+        inv_scale = dequant_scale_inverse(tl.load(OutScale))
+        o = _to_fp8(acc * (row_factor * inv_scale)[:, None], FP8_MAX, ROUND_MANT, ROUND_EMIN, EMULATE_ROUNDING)
     elif OUT_KIND == OUT_NVFP4:
         ROWS: tl.constexpr = acc.shape[0]
         BLOCK_DV: tl.constexpr = acc.shape[1]
@@ -143,8 +187,8 @@ def store_output(
         ab = tl.reshape(acc, [ROWS, NB, NVFP4_BLOCK])
         # max|O| of a block is max|acc| x (1 / rowsum), exactly (rounding is monotonic); the
         # 1 / rowsum goes into the per-block factor, one multiply per element
-        sf, to_e2m1 = nvfp4_block_scale(tl.max(tl.abs(ab), axis=2) * row_factor[:, None], tl.load(OutScale),
-                                        EMULATE_FP8_ROUNDING)
+        sf, to_e2m1 = nvfp4_block_scale(tl.reduce(tl.abs(ab), 2, nan_max) * row_factor[:, None], tl.load(OutScale),
+                                        EMULATE_ROUNDING)
         codes = tl.reshape(e2m1_code(ab * (to_e2m1 * row_factor[:, None])[:, :, None]), [ROWS, BLOCK_DV // 2, 2])
         lo, hi = tl.split(codes)
         blk = tl.arange(0, NB)
@@ -159,11 +203,11 @@ def store_output(
         BLOCK_DV: tl.constexpr = acc.shape[1]
         NG: tl.constexpr = BLOCK_DV // GROUP_SIZE
         og = tl.reshape(acc * row_factor[:, None], [ROWS, NG, GROUP_SIZE])
-        sc = tl.maximum(tl.max(tl.abs(og), axis=2), 1e-10) / FP8_MAX
+        sc = tl.maximum(tl.reduce(tl.abs(og), 2, nan_max), 1e-10, propagate_nan=NAN_PROPAGATE) / FP8_MAX
         if UE8M0:
             sc = _ceil_pow2(sc)
-        o = _to_fp8(tl.reshape(og / sc[:, :, None], [ROWS, BLOCK_DV]), FP8_MAX, FP8_MANT, FP8_EMIN,
-                    EMULATE_FP8_ROUNDING)
+        o = _to_fp8(tl.reshape(og / sc[:, :, None], [ROWS, BLOCK_DV]), FP8_MAX, ROUND_MANT, ROUND_EMIN,
+                    EMULATE_ROUNDING)
         g = tl.arange(0, NG)
         tl.store(BlockScale + bs_rows[:, None] + g[None, :] * stride_bs_g, sc,
                  mask=row_ok[:, None] & (g < DV // GROUP_SIZE)[None, :])

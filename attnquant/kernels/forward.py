@@ -22,7 +22,7 @@ Scores live in the log2 domain: exp2 with softmax_scale * log2(e) folded in.
 import triton
 import triton.language as tl
 
-from .epilogue import store_output
+from .epilogue import nan_if_inf, store_output
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -95,6 +95,11 @@ def _load_v_block(V_base, BT_row, blk, offs_n, seqlen_k, stride_vb, stride_vs, o
                                          PAGE_SIZE)
         if BLOCK_PTR:
             bp = tl.make_block_ptr(base, (n_rows, DV), (stride_vs, 1), (row, 0), (BLOCK_N, BLOCK_DV), (1, 0))
+            if MASKED and PAGED:
+                # A page's rows past seqlen_k are whatever the cache holds there (stale or never
+                # written: possibly NaN, and 0 * NaN = NaN in the PV product): zero them.
+                v = tl.load(bp, boundary_check=(0, 1), padding_option="zero")
+                return tl.where((offs_n < seqlen_k)[:, None], v, 0.0)
             if MASKED or BLOCK_DV != DV:
                 return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
             return tl.load(bp)
@@ -133,6 +138,10 @@ def _attn_block_range(
             k2 = _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_db, k2_off,
                                BLOCK_DA, BLOCK_DB, BLOCK_DA + BLOCK_DB, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
             s = tl.dot(qb, k2, s)
+        # An infinite score comes from an infinite q or k: NaN, not a key of weight 0 (-inf) or
+        # a finite softcap value (SPEC: non-finite inputs give NaN rows). Masked keys' scores
+        # are replaced below, so a key a row does not see cannot make it NaN.
+        s = nan_if_inf(s)
 
         if HAS_SOFTCAP:
             # softcap * tanh(s * scale / softcap), times log2(e); tanh through exp2 so the
@@ -187,8 +196,8 @@ def attn_fwd_kernel(
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PTR: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
-    OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-    EMULATE_FP8_ROUNDING: tl.constexpr, GROUP_SIZE: tl.constexpr, UE8M0: tl.constexpr,
+    OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_MANT: tl.constexpr, ROUND_EMIN: tl.constexpr,
+    EMULATE_ROUNDING: tl.constexpr, GROUP_SIZE: tl.constexpr, UE8M0: tl.constexpr,
 ):
     # Grid (m-tiles, batch * kv-heads, splits), started x-fastest: the tiles of one KV head
     # run together (its K/V stays in L2), each head's last m-tiles (under a causal mask
@@ -295,15 +304,16 @@ def attn_fwd_kernel(
             stage != 1, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
             WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
 
-    # ---- epilogue: a row that saw no key writes 0 and LSE -inf --------------------
-    seen = l_i > 0.0
+    # ---- epilogue: a row that saw no key writes 0 and LSE -inf; a NaN row sum (a non-finite
+    # input in what the row saw) stays NaN in both ------------------------------------
+    seen = l_i != 0.0
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     tok = (q_start + pos).to(tl.int64)
     o_rows = Out + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob \
         + tok * stride_os + head.to(tl.int64) * stride_oh
     bs_rows = b.to(tl.int64) * stride_bsb + tok * stride_bss + head.to(tl.int64) * stride_bsh
     store_output(acc, inv_l, o_rows, offs_dv, row_ok, OutScale, BlockScale, bs_rows, head, stride_bsg,
-                 DV, OUT_KIND, FP8_MAX, FP8_MANT, FP8_EMIN, EMULATE_FP8_ROUNDING, GROUP_SIZE, UE8M0)
+                 DV, OUT_KIND, FP8_MAX, ROUND_MANT, ROUND_EMIN, EMULATE_ROUNDING, GROUP_SIZE, UE8M0)
     if STORE_LSE:
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
         l_ptrs = Lse + split.to(tl.int64) * stride_l_split + b.to(tl.int64) * stride_lb \

@@ -64,6 +64,9 @@ _ceil_pow2 = gluon.jit(_portable._ceil_pow2.fn)
 _nvfp4_block_scale = gluon.jit(_portable.nvfp4_block_scale.fn)
 _e2m1_code = gluon.jit(_portable.e2m1_code.fn)
 _nvfp4_scale_offset = gluon.jit(_portable.nvfp4_scale_offset.fn)
+_nan_max = gluon.jit(_portable.nan_max.fn)
+_nan_if_inf = gluon.jit(_portable.nan_if_inf.fn)
+_dequant_scale_inverse = gluon.jit(_portable.dequant_scale_inverse.fn)
 
 WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (wgmma M = 64 per warpgroup)
 LN2 = gl.constexpr(0.6931471805599453)
@@ -87,11 +90,11 @@ _RESCALE_CONSTRAINTS = gl.constexpr({n: ",".join(["=r"] * n + ["r"] * (3 * n)) f
 
 def _fp8_pair_asm(fp8_max, fmt):
     """PTX: two fp32 values ($1 the lower column, $2 the upper) to one 16-bit register of two fp8
-    codes, the lower column in the low byte. The max with -FP8_MAX is _to_fp8's lower clamp (it
-    also sends NaN there, as max.f32 returns the other operand); cvt's .satfinite is its upper
-    clamp (values past the largest finite one, and +inf, become it)."""
+    codes, the lower column in the low byte. The max with -FP8_MAX is _to_fp8's lower clamp
+    (max.NaN keeps a NaN); cvt's .satfinite is its upper clamp (values past the largest finite
+    one become it) and turns NaN into the format's NaN code."""
     neg = f"0f{struct.unpack('<I', struct.pack('<f', -fp8_max))[0]:08X}"
-    return (f"{{ .reg .f32 lo, hi;\n max.f32 lo, $1, {neg};\n max.f32 hi, $2, {neg};\n"
+    return (f"{{ .reg .f32 lo, hi;\n max.NaN.f32 lo, $1, {neg};\n max.NaN.f32 hi, $2, {neg};\n"
             f" cvt.rn.satfinite.{fmt}.f32 $0, hi, lo; }}")
 
 
@@ -111,19 +114,25 @@ def _fp8_pairs(o, FP8_MAX: gl.constexpr):
                                      is_pure=True, pack=1)
 
 
-# Hardware named barriers for the consumers' ping-pong (FA3's warp-scheduler barriers): ids
-# Triton's own partition barriers do not use (it takes 0-2 here), 2 x 128 threads each.
+# Hardware named barriers (ids Triton's own partition barriers do not use: it takes 0-3 here).
+# The consumers' ping-pong (FA3's warp-scheduler barriers): 2 x 128 threads each.
 PINGPONG_BARRIER0 = gl.constexpr(8)
+# The tile-id hand-off, per consumer warpgroup w: TILE_FULL0 + w (the producer has written the
+# next id) and TILE_EMPTY0 + w (warpgroup w has read it), each the producer warp + 128 threads.
+TILE_FULL0 = gl.constexpr(10)
+TILE_EMPTY0 = gl.constexpr(13)
+TILE_BARRIER_THREADS = gl.constexpr(32 + 128)
 
 
 @gluon.jit
-def _named_barrier(bar_id: gl.constexpr, ARRIVE: gl.constexpr):
-    """bar.sync (wait until the other warpgroup arrives) or bar.arrive (signal it) on a
-    named barrier of both consumer warpgroups. Gluon 3.6 has no named barriers and its
-    mbarrier ping-pong measured slower (an arrive there costs a warpgroup bar.sync, a wait
-    a try-wait loop); these need no shared-memory address, so inline asm can issue them."""
+def _named_barrier(bar_id: gl.constexpr, ARRIVE: gl.constexpr, THREADS: gl.constexpr = 256):
+    """bar.sync (wait until THREADS threads have arrived, this one included) or bar.arrive
+    (count this one and go on) on hardware named barrier `bar_id`. Gluon 3.6 has no named
+    barriers and its mbarrier ping-pong measured slower (an arrive there costs a warpgroup
+    bar.sync, a wait a try-wait loop); these need no shared-memory address, so inline asm can
+    issue them. Every thread of the calling partition executes it."""
     op: gl.constexpr = "bar.arrive" if ARRIVE else "bar.sync"
-    gl.inline_asm_elementwise(f"{op} {bar_id}, 256;\n mov.u32 $0, $1;", "=r,r", [gl.to_tensor(0)],
+    gl.inline_asm_elementwise(f"{op} {bar_id}, {THREADS};\n mov.u32 $0, $1;", "=r,r", [gl.to_tensor(0)],
                               dtype=gl.int32, is_pure=False, pack=1)
 
 
@@ -143,14 +152,20 @@ def _stash_strides_applies(consumers, out_kind):
 
 
 @gluon.jit
-def _stash_strides(smem, strides):
-    """Kernel body, before the partitions start: the tuple of strides into `smem` (int64)."""
-    layout: gl.constexpr = gl.BlockedLayout([NUM_STRIDES], [32], [gl.num_warps()], [0])  # all in every thread
-    idx = gl.arange(0, NUM_STRIDES, layout=layout)
-    v = gl.zeros([NUM_STRIDES], gl.int64, layout)
+def _stash_strides(strides):
+    """Kernel body, before the partitions start: the tuple of strides into shared memory (int64),
+    entry k by thread k alone (a vector of one entry a thread: threads that stored copies of
+    the same entries would be write-write hazards to compute-sanitizer's racecheck). Returns the
+    buffer, whose first NUM_STRIDES entries _tile_epilogue reads."""
+    THREADS: gl.constexpr = 32 * gl.num_warps()
+    smem = gl.allocate_shared_memory(gl.int64, [THREADS], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    idx = gl.arange(0, THREADS, layout=layout)
+    v = gl.zeros([THREADS], gl.int64, layout)
     for k in gl.static_range(len(strides)):
         v = gl.where(idx == k, strides[k], v)
     smem.store(v)
+    return smem
 
 
 @gluon.jit
@@ -200,24 +215,44 @@ def _key_range(part, parts, n_blocks, n_full, SPLIT_TAIL: gl.constexpr):
         return 0, n_blocks, n_full
 
 
-@gluon.jit
-def _publish_tile(tile_ids, tile_full, tile_empty, tile, i):
-    """Producer: hand tile id `tile` (the i-th of this CTA; >= num_tiles: stop) to the consumers."""
-    slot = i % 2
-    mbarrier.wait(tile_empty.index(slot), ((i // 2) & 1) ^ 1)
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    tile_ids.index(slot).store(gl.full([1], tile, gl.int32, layout))
-    mbarrier.arrive(tile_full.index(slot))
+# The tile-id hand-off (FA3's dynamic scheduler): one shared int32 slot, written by the producer
+# warp and read by every consumer thread, ordered by named barriers on both sides (bar.arrive
+# orders the arriving thread's earlier accesses before the waiting threads' later ones). With an
+# mbarrier, whose arrive one elected thread performs, the other producer lanes' stores and the
+# other consumer threads' loads were ordered only through a warp or warpgroup barrier first,
+# which compute-sanitizer's racecheck does not follow: it reported hundreds of hazards a call.
+# One slot costs no prefetch: the producer can load unit i's Q only once the consumers are done
+# with unit i - 1's QK^T, after they have read its id anyway.
 
 
 @gluon.jit
-def _read_tile(tile_ids, tile_full, tile_empty, i):
-    """Consumer: the i-th tile id the producer published."""
-    slot = i % 2
-    mbarrier.wait(tile_full.index(slot), (i // 2) & 1)
+def _publish_tile(tile_ids, tile, i, NUM_CONSUMERS: gl.constexpr):
+    """Producer: hand unit id `tile` (the i-th of this CTA; >= num_units: stop) to the consumers,
+    once each warpgroup has read the previous one."""
+    if i > 0:
+        for w in gl.static_range(NUM_CONSUMERS):
+            _named_barrier(TILE_EMPTY0 + w, False, TILE_BARRIER_THREADS)
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    tile = gl.max(tile_ids.index(slot).load(layout), 0)
-    mbarrier.arrive(tile_empty.index(slot))
+    tile_ids.store(gl.full([1], tile, gl.int32, layout))
+    for w in gl.static_range(NUM_CONSUMERS):
+        _named_barrier(TILE_FULL0 + w, True, TILE_BARRIER_THREADS)
+
+
+@gluon.jit
+def _retire_tile_ids(NUM_CONSUMERS: gl.constexpr):
+    """Producer, after publishing the stop id: wait for its reads, so that every arrive on the
+    hand-off barriers meets a sync before the CTA exits."""
+    for w in gl.static_range(NUM_CONSUMERS):
+        _named_barrier(TILE_EMPTY0 + w, False, TILE_BARRIER_THREADS)
+
+
+@gluon.jit
+def _read_tile(tile_ids, WG: gl.constexpr):
+    """Consumer warpgroup WG: the next unit id the producer published."""
+    _named_barrier(TILE_FULL0 + WG, False, TILE_BARRIER_THREADS)
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    tile = gl.max(tile_ids.load(layout), 0)
+    _named_barrier(TILE_EMPTY0 + WG, True, TILE_BARRIER_THREADS)
     return tile
 
 
@@ -276,7 +311,7 @@ def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV:
     tile's), then K_g into ring slot g % NUM_STAGES and V_g into slot (g + 1) % NUM_STAGES
     as slots free up, g counting key blocks over all of this CTA's tiles. Head dims that are not a power
     of two come as two column tiles (192 = 128 + 64)."""
-    (descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched,
+    (descs, qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids, sched,
      TileCounter, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK) = args
     q_desc, qb_desc, k_desc, kb_desc, v_desc = descs
     q_smem, qb_smem = qs
@@ -293,7 +328,7 @@ def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV:
             CAUSAL)
         j_lo, j_hi, n_full = _key_range(part, parts, n_blocks, n_full, SPLIT_TAIL)
         if m0 < sq:  # (varlen: a tile past its sequence's end has no rows and is not published)
-            _publish_tile(tile_ids, tile_full, tile_empty, unit, i)
+            _publish_tile(tile_ids, unit, i, NUM_CONSUMERS)
             q_col = h * (DA + DB)
             kv_col = (h // GROUP) * (DA + DB)
             v_col = (h // GROUP) * DV
@@ -325,7 +360,8 @@ def _producer(args, GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV:
         # The call's num_units fetches get 0 .. num_units - 1 (every CTA's last fetch fails, one
         # each): the last one leaves the counter at zero for the next call (launch.workspace).
         gl.atomic_xchg(TileCounter, 0, mask=fetched == num_units - 1)
-    _publish_tile(tile_ids, tile_full, tile_empty, unit, i)  # no more tiles
+    _publish_tile(tile_ids, unit, i, NUM_CONSUMERS)  # no more tiles
+    _retire_tile_ids(NUM_CONSUMERS)
 
 
 # _softmax_step's MASKED: False (no key of the block is masked), True (the causal diagonal or the
@@ -356,7 +392,11 @@ def _softmax_step(s, m_i, l_i, j, n_full, q_pos, seqlen_k, diag, qk_scale,
     ABLATE == 1 (a measurement variant, wrong results) skips it: p = s."""
     if ABLATE == 1:
         return s.to(p_dtype), m_i, l_i, l_i + 1.0
+    # An infinite score (an infinite q or k) must give NaN, not a key of weight 0 (SPEC): where a
+    # mask may follow, s itself is checked first (the mask then replaces what a row does not
+    # see); unmasked blocks check p instead (below), which keeps ptxas's register allocation.
     if MASKED == MASK_FROM_N_FULL:
+        s = _nan_if_inf(s)
         # The row max of the unmasked scores first, recomputed in the masked branch: with the
         # branch ahead of it, ptxas moves the PV wait above the max tree (perf-notes v40).
         m_raw = _row_max(s)
@@ -365,7 +405,7 @@ def _softmax_step(s, m_i, l_i, j, n_full, q_pos, seqlen_k, diag, qk_scale,
             m_raw = _row_max(s)
     else:
         if MASKED:
-            s = _mask_scores(s, j, q_pos, seqlen_k, diag, BLOCK_N, CAUSAL, s_layout)
+            s = _mask_scores(_nan_if_inf(s), j, q_pos, seqlen_k, diag, BLOCK_N, CAUSAL, s_layout)
         m_raw = _row_max(s)
     m_blk = m_raw * qk_scale
     if LAZY_RESCALE:
@@ -374,6 +414,8 @@ def _softmax_step(s, m_i, l_i, j, n_full, q_pos, seqlen_k, diag, qk_scale,
         m_new = gl.maximum(m_i, m_blk)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(s * qk_scale - m_use[:, None])
+    if not MASKED:
+        p = gl.fma(s, 0.0, p)  # NaN where s is +-inf or NaN, p elsewhere
     alpha = gl.exp2(m_i - m_use)
     l_new = l_i * alpha + gl.sum(p, 1)
     return _pack_16bit(p, p_dtype), m_new, l_new, alpha
@@ -514,7 +556,7 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
     """One warpgroup: rows WG*64 .. +64 of each unit the producer publishes. `args`: the buffers,
     barriers and scalars every consumer gets (constexprs cannot ride in a tuple built in the
     kernel: Gluon 3.6 turns them into tensors)."""
-    (qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids, tile_full, tile_empty,
+    (qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids,
      o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, Partials, SplitFlags, sched, num_heads,
      seqlen_q, seqlen_k, strides, qk_scale) = args
     pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
@@ -523,7 +565,7 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
     i = 0  # units done
     if PINGPONG and WG == 1:  # warpgroup 0 issues first
         _named_barrier(PINGPONG_BARRIER0, True)
-    unit = _read_tile(tile_ids, tile_full, tile_empty, i)
+    unit = _read_tile(tile_ids, WG)
     while unit < num_units:
         tile, part, parts, split_idx = _tile_work(unit, split_from, split_parts, SPLIT_TAIL)
         pid_m, bh = _tile_coords(tile, num_m, num_bh, section)
@@ -555,7 +597,7 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
                            TMA_STORE, STASH_STRIDES)
         g += j_hi - j_lo
         i += 1
-        unit = _read_tile(tile_ids, tile_full, tile_empty, i)
+        unit = _read_tile(tile_ids, WG)
     if PINGPONG and WG == 0:  # warpgroup 1's last arrive: every arrive meets a sync
         _named_barrier(PINGPONG_BARRIER0, False)
     if TMA_STORE:  # the shared memory of the last output tile stays alive until its store has read it
@@ -689,7 +731,7 @@ def _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, n_parts, DV: gl.
         m_p = gl.load(base + ml_off, cache_modifier=".cg")
         l_p = gl.load(base + ml_off + WG_ROWS, cache_modifier=".cg")
         gl.atomic_xchg(SplitFlags + slot, 0)  # (read by this part only: cleared for the next call)
-        m_new = gl.maximum(m_i, m_p)
+        m_new = _nan_max(m_i, m_p)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         a_own = gl.exp2(m_i - m_use)
         a_p = gl.exp2(m_p - m_use)
@@ -712,7 +754,7 @@ def _tile_epilogue(acc, m_i, l_i, epilogue, WG: gl.constexpr, DV: gl.constexpr, 
     o_layout: gl.constexpr = acc.type.layout
     s_rows: gl.constexpr = m_i.type.layout
     if STASHED_STRIDES:  # (a shared-memory vector: _stash_strides)
-        st = strides.load(gl.BlockedLayout([NUM_STRIDES], [32], [gl.num_warps()], [0]))
+        st = strides.slice(0, NUM_STRIDES).load(gl.BlockedLayout([NUM_STRIDES], [32], [gl.num_warps()], [0]))
         stride_ob = _stride(st, 0)
         stride_os = _stride(st, 1)
         stride_oh = _stride(st, 2)
@@ -726,7 +768,7 @@ def _tile_epilogue(acc, m_i, l_i, epilogue, WG: gl.constexpr, DV: gl.constexpr, 
     else:
         stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh, stride_bsg = strides
     tok0 = (q_tok0 + q_pos0).to(gl.int64)
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # (a NaN row sum stays NaN: output and LSE NaN)
     inv_l = gl.where(seen, 1.0 / gl.where(seen, l_i, 1.0), 0.0)
     rows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, o_layout))
     row_ok = q_pos0 + rows < seqlen_q
@@ -769,10 +811,11 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
     cols = gl.arange(0, DV, layout=gl.SliceLayout(0, layout))
     ptrs = Out + out_rows[:, None] + cols[None, :]
     mask = row_ok[:, None] & (cols < DV)[None, :]
+    acc = _nan_if_inf(acc)  # (an infinite O is a fault, not a value to saturate)
     if OUT_KIND == 0:
         o = acc * row_factor[:, None]
     elif OUT_KIND == 1:
-        inv_scale = 1.0 / gl.load(OutScale)
+        inv_scale = _dequant_scale_inverse(gl.load(OutScale))
         o = acc * (row_factor * inv_scale)[:, None]
     elif OUT_KIND == 3:
         ROWS: gl.constexpr = acc.shape[0]
@@ -781,7 +824,7 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
         sf_layout: gl.constexpr = gl.SliceLayout(2, ab.type.layout)
         rf = gl.convert_layout(row_factor, gl.SliceLayout(1, sf_layout))[:, None]
         # max|O| = max|acc| x (1 / rowsum) exactly; 1 / rowsum joins the per-block factor
-        sf, to_e2m1 = _nvfp4_block_scale(gl.max(gl.abs(ab), 2) * rf, gl.load(OutScale), False)
+        sf, to_e2m1 = _nvfp4_block_scale(gl.reduce(gl.abs(ab), 2, _nan_max) * rf, gl.load(OutScale), False)
         codes = gl.reshape(_e2m1_code(ab * gl.expand_dims(to_e2m1 * rf, 2)), [ROWS, DV // 2, 2])
         lo, hi = gl.split(codes)
         packed = (lo | (hi << 4)).to(gl.uint8)
@@ -803,7 +846,7 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
         inv_scales = gl.full([acc.shape[0], DV], 1.0, gl.float32, layout)
         for g in gl.static_range(DV // GROUP_SIZE):
             in_g = ((cols >= g * GROUP_SIZE) & (cols < (g + 1) * GROUP_SIZE))[None, :]
-            sc = gl.maximum(gl.max(gl.where(in_g, gl.abs(o), 0.0), 1), 1e-10) / FP8_MAX
+            sc = _nan_max(gl.reduce(gl.where(in_g, gl.abs(o), 0.0), 1, _nan_max), 1e-10) / FP8_MAX
             if UE8M0:
                 sc = _ceil_pow2(sc)
             gl.store(BlockScale + bs_rows + g * stride_bsg, sc, mask=row_ok)
@@ -887,12 +930,8 @@ def attn_fwd_ws_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     # tile ids from the producer to the consumers: a two-entry ring
-    tile_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-    tile_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    tile_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(tile_full.index(i), count=1)
-        mbarrier.init(tile_empty.index(i), count=NUM_CONSUMERS)
+    # the next unit id, from the producer to the consumers (_publish_tile)
+    tile_ids = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     for i in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(q_bar.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
@@ -907,16 +946,14 @@ def attn_fwd_ws_kernel(
     strides = (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh,
                stride_bsg)
     if STASH_STRIDES:
-        stash = gl.allocate_shared_memory(gl.int64, [NUM_STRIDES], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        _stash_strides(stash, strides)
-        strides = stash
+        strides = _stash_strides(strides)
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
     consumer = ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
-                tile_ids, tile_full, tile_empty, o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
+                tile_ids, o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
                 Partials, TileCounter + 1, sched, num_heads, seqlen_q, seqlen_k, strides, qk_scale)
     producer = ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar,
-                q_empty, k_ready, v_ready, kv_empty, tile_ids, tile_full, tile_empty, sched, TileCounter, num_heads,
+                q_empty, k_ready, v_ready, kv_empty, tile_ids, sched, TileCounter, num_heads,
                 seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK)
     # The default partition (the kernel's 4 warps) is consumer 0; the other consumers are 4-warp
     # workers, the producer a 1-warp worker. (Two spelled-out lists: a list built by `+` or from

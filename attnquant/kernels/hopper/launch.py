@@ -241,6 +241,8 @@ def unsupported_reason(p, causal: bool, window, softcap: float, num_splits: int,
         return "sliding windows and softcap are not supported"
     if num_splits > 1:
         return "split-KV is not supported"
+    if p.max_seqlen_k == 0 or p.k.numel() == 0:
+        return "there are no keys (a TMA descriptor needs at least one row)"
     dv = p.head_dim_v
     if not head_dims_supported(p.head_dim, dv):
         return f"head dims {p.head_dim}/{dv} are not supported (need D = 2^a [+ 2^b] >= 32, Dv = 2^c, <= 256)"
