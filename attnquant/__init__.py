@@ -35,6 +35,8 @@ if not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .api import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, merge_attn_states  # noqa: E402
+from .quant import quantize_kv_fp8  # noqa: E402
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "merge_attn_states"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "merge_attn_states",
+           "quantize_kv_fp8"]
 __version__ = "0.1.0"

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-# Epilogue variants; the integer is what the kernels see as the OUT_KIND constexpr.
-PLAIN = 0  # bf16 / fp16 / fp32 output
-FP8_STATIC = 1  # out = sat(O / output_scale), per-tensor dequant scale read on device
-FP8_GROUP = 2  # per (token, head, group of G channels) scale written by the kernel
-NVFP4 = 3  # e2m1 pairs in bytes + e4m3 scale per 16 channels (swizzled 128x4), global scale read on device
+from .kernels.constants import NVFP4_BLOCK, OutKind
 
-NVFP4_BLOCK = 16  # channels per NVFP4 block scale
+# The epilogue variants (OutputFormat.kind; the kernels' OUT_KIND constexpr)
+PLAIN, FP8_STATIC, FP8_GROUP, NVFP4 = OutKind.PLAIN, OutKind.FP8_STATIC, OutKind.FP8_GROUP, OutKind.NVFP4
 E2M1_MAX = 6.0
 # e2m1 magnitudes by code (the low three bits; bit 3 is the sign)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -65,6 +62,17 @@ class OutputFormat:
         """The output tensor's shape for an attention output of `shape` (..., H, Dv): NVFP4
         packs two channels a byte."""
         return tuple(shape[:-1]) + (shape[-1] // 2,) if self.kind == NVFP4 else tuple(shape)
+
+    def encode(self) -> List[int]:
+        """What a torch op needs besides out and the scale tensors: (kind, G, ue8m0, strides)."""
+        return [int(self.kind), self.group_size, int(self.ue8m0), *self.block_scale_strides]
+
+    @classmethod
+    def decode(cls, out: torch.Tensor, scale: Optional[torch.Tensor], block_scale: Optional[torch.Tensor],
+               ints: List[int]) -> "OutputFormat":
+        """The format `encode` described, for `out` and its scale tensors."""
+        return cls(OutKind(ints[0]), out.dtype, scale=scale, block_scale=block_scale, group_size=ints[1],
+                   ue8m0=bool(ints[2]), block_scale_strides=tuple(ints[3:7]))
 
 
 def nvfp4_scale_shape(num_tokens: int, num_heads: int, head_dim_v: int) -> Tuple[int, int]:
@@ -315,3 +323,67 @@ def quantize(o: torch.Tensor, fmt: OutputFormat):
     if fmt.kind == NVFP4:
         return quantize_nvfp4(o, fmt.scale)
     raise ValueError(f"unknown output kind {fmt.kind}")
+
+
+# ----------------------------------------------------------------------------------
+# FP8 inputs: a bf16/fp16 K or V (or cache) in e4m3 with its descales (SPEC "FP8 inputs").
+# ----------------------------------------------------------------------------------
+
+FP8_INPUT = torch.float8_e4m3fn
+
+
+def quantize_kv_fp8(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, num_seqs: Optional[int] = None,
+                    per_tensor: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 (e4m3fn) copy of K or V and the float32 descales attnquant takes as k_descale /
+    v_descale (x ~ x_fp8.float() * descale), each scale amax / 448 of the values it covers:
+
+    - batched x (B, S, Hkv, D): descales (B, Hkv), one per sequence and KV head;
+    - packed x (total, Hkv, D) with cu_seqlens (B + 1,): (B, Hkv), over each sequence's tokens;
+    - a paged cache (num_blocks, page, Hkv, D) with num_seqs: one scale per KV head over the
+      whole cache (pages may be shared between sequences), repeated to (num_seqs, Hkv);
+    - per_tensor=True: one scale, shape (), for any of them.
+    Reads the lengths on the host (not for the hot path: a cache is quantized as it is written).
+    """
+    m = fp8_max(FP8_INPUT)
+    a = x.float().abs()
+    if per_tensor:
+        amax = a.amax()
+    elif x.dim() == 4 and num_seqs is not None:  # paged cache
+        amax = a.amax(dim=(0, 1, 3))[None].expand(num_seqs, -1)
+    elif x.dim() == 4:
+        amax = a.amax(dim=(1, 3))
+    elif cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        amax = torch.stack([a[lo:hi].amax(dim=(0, 2)) if hi > lo else a.new_zeros(x.shape[1])
+                            for lo, hi in zip(bounds, bounds[1:])]) if len(bounds) > 1 else a.new_zeros(0, x.shape[1])
+    else:
+        raise ValueError("quantize_kv_fp8 needs x (B, S, Hkv, D), a packed x with cu_seqlens, a paged cache with "
+                         "num_seqs, or per_tensor=True")
+    descale = (amax.clamp_min(1e-12) / m).float().contiguous()
+    if per_tensor:
+        scale = descale
+    elif x.dim() == 4 and num_seqs is not None:
+        scale = descale[0][None, None, :, None]
+    elif x.dim() == 4:
+        scale = descale[:, None, :, None]
+    else:
+        seq_of_token = torch.repeat_interleave(torch.arange(len(descale), device=x.device),
+                                               torch.diff(cu_seqlens.long()), output_size=x.shape[0])
+        scale = descale[seq_of_token][:, :, None]
+    q = (x.float() / scale).clamp(-m, m).to(FP8_INPUT)
+    return q, descale
+
+
+def dequantize_kv_fp8(x_fp8: torch.Tensor, descale: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                      paged: bool = False) -> torch.Tensor:
+    """Float64 values of an FP8 K/V under its descales (the layouts of quantize_kv_fp8)."""
+    d = descale.double()
+    if d.dim() == 0:
+        return x_fp8.double() * d
+    if paged:
+        return x_fp8.double() * d[0][None, None, :, None]
+    if x_fp8.dim() == 4:
+        return x_fp8.double() * d[:, None, :, None]
+    seq_of_token = torch.repeat_interleave(torch.arange(len(d), device=x_fp8.device), torch.diff(cu_seqlens.long()),
+                                           output_size=x_fp8.shape[0])
+    return x_fp8.double() * d[seq_of_token][:, :, None]

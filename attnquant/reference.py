@@ -4,7 +4,8 @@
 `eager_dtype`, the way an eager bf16/fp16 implementation rounds: scores in float32,
 P and the output rounded to the input dtype), following SPEC.md's conventions:
 bottom-right aligned causal mask and window, softcap before masking, a row that sees
-no key gives output 0 and LSE -inf. The batched / varlen / paged wrappers cut their
+no key gives output 0 and LSE -inf; optional per-head sink logits (gpt-oss) join each row's
+softmax denominator without a value, and the LSE. The batched / varlen / paged wrappers cut their
 inputs into sequences and call it; nothing here shares code with the kernels.
 """
 
@@ -41,21 +42,27 @@ def attention_ref(
     window_size=(-1, -1),
     softcap: float = 0.0,
     eager_dtype: Optional[torch.dtype] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One sequence: q (Sq, H, D), k (Sk, Hkv, D), v (Sk, Hkv, Dv) -> O (Sq, H, Dv), LSE (H, Sq).
 
     Float64 throughout, unless `eager_dtype` is given: then scores and softmax are
     float32 and P and O are rounded to `eager_dtype`, like an eager implementation.
-    O is returned in float64 (float32 values in the eager case).
+    O is returned in float64 (float32 values in the eager case). sinks (H,): the sink logit
+    of each query head, a score column of its own (after the softmax scale and softcap) whose
+    value is 0: O = sum_j e^(s_j - m) v_j / (e^(sink - m) + sum_j e^(s_j - m)), and the LSE
+    counts it.
     """
     sq, h, d = q.shape
     sk, hkv, dv = v.shape
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     work = torch.float32 if eager_dtype is not None else torch.float64
     group = h // hkv
-    if sq == 0 or sk == 0:  # nothing to see: output 0, LSE -inf
-        return (torch.zeros(sq, h, dv, dtype=torch.float64, device=q.device),
-                torch.full((h, sq), float("-inf"), dtype=torch.float64, device=q.device))
+    if sq == 0 or sk == 0:  # nothing to see: output 0, LSE -inf (or the sink's logit)
+        lse = torch.full((h, sq), float("-inf"), dtype=torch.float64, device=q.device)
+        if sinks is not None:
+            lse = lse.maximum(sinks.double()[:, None])
+        return torch.zeros(sq, h, dv, dtype=torch.float64, device=q.device), lse
     qf = q.to(work).permute(1, 0, 2)  # (H, Sq, D)
     kf = k.to(work).repeat_interleave(group, dim=1).permute(1, 0, 2)  # (H, Sk, D)
     vf = v.to(work).repeat_interleave(group, dim=1).permute(1, 0, 2)
@@ -65,9 +72,14 @@ def attention_ref(
     ok = visible_mask(sq, sk, causal, window_size, device=q.device)
     s = s.masked_fill(~ok, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
+    if sinks is not None:
+        sink = sinks.to(work)[:, None, None]  # (H, 1, 1)
+        m = torch.maximum(m, sink)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m_safe)
     l = p.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        l = l + torch.exp(sink - m_safe)
     if eager_dtype is not None:
         p = p.to(eager_dtype).to(work)
     o = torch.matmul(p, vf) / torch.where(l == 0, torch.ones_like(l), l)

@@ -2,7 +2,7 @@
 ptxas says about registers and spills (and, for the Gluon kernel, whether it serialized
 the wgmmas: a silent 2x slowdown that would otherwise only show on the GPU).
 
-    TRITON_INTERPRET=0 python scripts/compile_sm90.py
+    TRITON_INTERPRET=0 python scripts/compile_sm90.py [NAME ...] [--sass DIR]
 
 Triton's interpreter (the CPU tests) never runs the real compiler, so a kernel that no
 longer compiles would pass CI; tests/test_compile_sm90.py runs this script to catch that.
@@ -21,10 +21,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from attnquant.kernels.combine import combine_kernel
-from attnquant.kernels.forward import attn_fwd_kernel
+from attnquant.kernels.hopper.config import staging_fits, ws_config
 from attnquant.kernels.hopper.forward import attn_fwd_ws_kernel
-from attnquant.kernels.config import split_head_dim
-from attnquant.kernels.hopper.launch import staging_fits, ws_config
+from attnquant.kernels.portable.config import split_head_dim
+from attnquant.kernels.portable.forward import attn_fwd_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -45,12 +45,15 @@ def signature(fn, pointers, constexprs):
 
 
 def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
-                    paged=False, page=1, block_ptr=False, varlen=False, window=(False, True), softcap=False):
-    ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": out, "Lse": "*fp32", "OutScale": "*fp32",
-            "BlockScale": bs, "BlockTable": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqUsedK": "*i32"}
+                    paged=False, page=1, block_ptr=False, varlen=False, window=(False, True), softcap=False,
+                    kv="*bf16", sinks=False):
+    ptrs = {"Q": "*bf16", "K": kv, "V": kv, "Out": out, "Lse": "*fp32", "OutScale": "*fp32",
+            "BlockScale": bs, "BlockTable": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqUsedK": "*i32",
+            "Sinks": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32"}
     c = dict(GROUP=group, DV=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv,
              VARLEN_Q=varlen, VARLEN_K=varlen, HAS_SEQUSED=paged, PAGED=paged, PAGE_SIZE=page, BLOCK_PTR=block_ptr,
-             WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, STORE_LSE=True,
+             WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, HAS_SINKS=sinks,
+             HAS_Q_DESCALE=False, HAS_K_DESCALE=kv != "*bf16", HAS_V_DESCALE=kv != "*bf16", STORE_LSE=True,
              OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0, ROUND_MANT=3, ROUND_EMIN=-6, EMULATE_ROUNDING=False,
              GROUP_SIZE=group_size, UE8M0=ue8m0)
     src = ASTSource(fn=attn_fwd_kernel, signature=signature(attn_fwd_kernel, ptrs, c), constexprs=c)
@@ -59,14 +62,14 @@ def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", 
 
 def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*fp32", suffix=False, bs="*fp32"):
     ptrs = {"OPart": parts, "LsePart": "*fp32", "OSuffix": parts, "LseSuffix": "*fp32", "Out": out, "Lse": "*fp32",
-            "OutScale": "*fp32", "BlockScale": bs}
-    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, HAS_SUFFIX=suffix, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, ROUND_MANT=3, ROUND_EMIN=-6,
+            "OutScale": "*fp32", "BlockScale": bs, "Sinks": "*fp32"}
+    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, HAS_SUFFIX=suffix, HAS_SINKS=not suffix, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, ROUND_MANT=3, ROUND_EMIN=-6,
              EMULATE_ROUNDING=False, GROUP_SIZE=group_size, UE8M0=ue8m0)
     return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
-                  pingpong=None, tma_store=True, lazy_rescale=None, split_tail=False, **config):
+                  pingpong=None, tma_store=True, lazy_rescale=None, split_tail=False, sinks=False, **config):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
     as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
     staging buffer fits, as in launch.tma_store_applies); `config`: WsConfig fields to change
@@ -86,15 +89,16 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
     tma_store = tma_store and kind != 3 and staging_fits(d, dv, cfg, out_bytes)  # NVFP4: register stores
 
     c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, NUM_CONSUMERS=cfg.consumers, VARLEN=varlen,
-             CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
+             CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, HAS_SINKS=sinks,
+             OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
              GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.registers()[1],
-             PRODUCER_REGS=cfg.producer_regs, ABLATE=0, PV_FENCE=cfg.pv_fence,
+             PRODUCER_REGS=cfg.producer_regs,
              LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=split_tail)
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
             "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": "*fp8e4nv" if kind == 3 else "*fp32", "CuSeqlensQ": "*i32",
-            "CuSeqlensK": "*i32", "TileCounter": "*i32", "Partials": "*fp32"}
+            "CuSeqlensK": "*i32", "TileCounter": "*i32", "Partials": "*fp32", "Sinks": "*fp32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
     return src, dict(num_warps=4, maxnreg=cfg.registers()[0])
 
@@ -112,12 +116,15 @@ VARIANTS = {
                                                       page=16),
     "decode paged, page 64 (block pointers)": forward_variant(out="*fp32", group=16, bm=16, bn=64, warps=4,
                                                               stages=5, paged=True, page=64, block_ptr=True),
+    "decode fp8 kv cache, paged page 64, sinks, fp8 out": forward_variant(
+        out="*fp8e4nv", kind=1, group=8, bm=16, bn=128, warps=4, stages=5, block_ptr=True, kv="*fp8e4nv", sinks=True),
     "split combine, fp8 out": combine_variant(),
     "split combine, group fp8 (G=128)": combine_variant(kind=2, group_size=128),
     "split combine, nvfp4": combine_variant(out="*u8", kind=3, group_size=16, bs="*fp8e4nv"),
     "prefill d128 gqa, nvfp4 out": forward_variant(out="*u8", kind=3, group_size=16, bs="*fp8e4nv", group=4),
     "merge_attn_states, bf16 parts, fp8 out": combine_variant(parts="*bf16", suffix=True),
     "gluon d128 causal, fp8 out": gluon_variant(),
+    "gluon d64 gqa (gpt-oss), sinks, fp8 out": gluon_variant(d=64, dv=64, group=8, sinks=True),
     "gluon d192-128 mqa, group fp8 (G=128)": gluon_variant(kind=2, group_size=128, d=192, group=16),
     "gluon d64 varlen non-causal, bf16 out": gluon_variant(out="*bf16", kind=0, d=64, dv=64, varlen=True,
                                                            causal=False),
@@ -200,7 +207,15 @@ def wgmma_loop_spills(cubin: bytes):
     return tuple(spills)
 
 
-def main(names=None):
+def normalized_sass(cubin: bytes) -> str:
+    """The SASS instructions alone (no addresses, encodings or comments): what two builds of a
+    kernel that compile to the same code share, line for line."""
+    return "\n".join(m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass_text(cubin)))
+
+
+def main(names=None, sass_dir=None):
+    """Compile VARIANTS (those whose names contain one of `names`); with `sass_dir`, write each
+    one's normalized SASS there (variant.sass) for a diff against another version's."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("run with TRITON_INTERPRET=0: the interpreter replaces the compiler")
     for name, (src, opts) in VARIANTS.items():
@@ -208,6 +223,11 @@ def main(names=None):
             continue
         k = triton.compile(src, target=TARGET, options=opts)
         assert k.asm["cubin"], name
+        if sass_dir:
+            os.makedirs(sass_dir, exist_ok=True)
+            fname = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".sass"
+            with open(os.path.join(sass_dir, fname), "w") as f:
+                f.write(normalized_sass(k.asm["cubin"]))
         extra = ""
         if name.startswith("gluon"):
             unmasked, masked = wgmma_loop_spills(k.asm["cubin"])
@@ -216,4 +236,10 @@ def main(names=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    sass = None
+    if "--sass" in args:  # --sass DIR: also write each variant's normalized SASS to DIR
+        i = args.index("--sass")
+        sass = args[i + 1]
+        args = args[:i] + args[i + 2:]
+    main(args, sass)

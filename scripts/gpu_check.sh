@@ -1,33 +1,33 @@
 #!/usr/bin/env bash
-# Everything the GPU has to say, in one device call: a Gluon smoke run (a hang shows in
-# seconds), the GPU test suite, the benchmark tables (PERF.md shapes, baselines in the same
-# run) and the demo. `--sweep` adds the portable kernel's tile/split sweeps, `--variants`
-# the Gluon kernel's variants and ablations, `--configs` its config A/B (bench --configs on
-# $CONFIG_SHAPES, default all), `--ncu` Nsight Compute reports of the Gluon
-# kernel ($NCU_SHAPE, default prefill_gqa_8k, as is and without its softmax), `--ncu-source`
-# per-SASS-instruction stall samples of the Gluon kernel on $NCU_SHAPES (CSV; read them with
-# scripts/stall_report.py; a spec NAME@fa4 profiles FA4's kernel on that shape), `--bench-only`
-# skips the tests, `--tests-only` the benchmark. `--fa4 BUNDLE` first unpacks FA4 (flash_attn.cute
-# and the CuTe DSL, a site-packages tarball for the device's Python; perf-notes "Measuring on the
-# lent H100") so that the benchmark times FA4 in the same run.
-# Logs go to $OUT (the device tool brings that folder back).
-#   usage (on the device machine, repo root):
-#     bash scripts/gpu_check.sh [--sweep] [--variants] [--configs] [--ncu] [--ncu-source] [--fa4 BUNDLE] [--bench-only] [--tests-only] [pytest args...]
-# (--bench-only and --tests-only together: neither, only the smoke run, the demo and the extras)
-# (the whole of it runs past the device tool's 600 s per call: split it with --tests-only / --bench-only)
+# What the GPU has to say, in as few device calls as possible. Logs go to $OUT (the device
+# tool brings that folder back). Run from the repository root on the GPU machine:
+#
+#   bash scripts/gpu_check.sh [options] [pytest args...]
+#
+#   (default)        Gluon smoke run (a hang shows in seconds), the GPU test suite, the benchmark
+#   --tests-only     no benchmark          --bench-only   no tests (both: only what is asked below)
+#   --fuzz           the property-based fuzz test with its GPU profile (many more examples)
+#   --sanitize       scripts/sanitize_cases.py under compute-sanitizer memcheck, racecheck and
+#                    synccheck: each tool's summary line (logs: $OUT/sanitize_TOOL.log)
+#   --ab BASE        tools/ab_versions.py BASE: the working tree against another version,
+#                    interleaved (AB_ARGS: its options, e.g. "--formats fp8,nvfp4 --decode")
+#   --ncu-source     per-SASS-instruction stall samples of the Gluon kernel on $NCU_SHAPES (CSV;
+#                    read them with tools/stall_report.py; NAME@fa4 profiles FA4 on that shape)
+#   --fa4 BUNDLE     first unpack FA4 (flash_attn.cute and the CuTe DSL, a site-packages tarball for
+#                    the device's Python; docs/design.md "Measuring") so the benchmark times it
+# The whole default run is past the device tool's 600 s a call: split it with the options.
 set -uo pipefail
 OUT=${OUT:-/tmp/attnquant-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-SWEEP=0 VARIANTS=0 CONFIGS=0 TESTS=1 BENCH=1 NCU=0 NCU_SOURCE=0 FA4_BUNDLE=""
+TESTS=1 BENCH=1 FUZZ=0 SANITIZE=0 NCU_SOURCE=0 AB_BASE="" FA4_BUNDLE=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --sweep) SWEEP=1; shift ;;
-    --variants) VARIANTS=1; shift ;;
-    --configs) CONFIGS=1; shift ;;
-    --bench-only) TESTS=0; shift ;;
     --tests-only) BENCH=0; shift ;;
-    --ncu) NCU=1; shift ;;
+    --bench-only) TESTS=0; shift ;;
+    --fuzz) FUZZ=1; shift ;;
+    --sanitize) SANITIZE=1; shift ;;
+    --ab) AB_BASE=$2; shift 2 ;;
     --ncu-source) NCU_SOURCE=1; shift ;;
     --fa4) FA4_BUNDLE=$2; shift 2 ;;
     *) break ;;
@@ -45,26 +45,26 @@ if ! timeout 240 python3 scripts/gluon_smoke.py > "$OUT/smoke.log" 2>&1; then
   echo "gluon smoke run failed or hung:"; tail -n 5 "$OUT/smoke.log"; exit 1
 fi
 tail -n 3 "$OUT/smoke.log"
+if [ $SANITIZE = 1 ]; then
+  for tool in memcheck racecheck synccheck; do
+    timeout ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --print-limit 20 \
+      python3 scripts/sanitize_cases.py > "$OUT/sanitize_$tool.log" 2>&1
+    echo "compute-sanitizer $tool: exit $?"
+    grep -E "SUMMARY|off:|all calls ran" "$OUT/sanitize_$tool.log" | tail -n 3
+  done
+fi
 if [ $TESTS = 1 ]; then
   timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -q -n 8 -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20; tail -n 2 "$OUT/pytest.log"
 fi
-if [ $BENCH = 1 ]; then timeout ${BENCH_TIMEOUT:-280} python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"; fi
-if [ $CONFIGS = 1 ]; then timeout 300 python3 -m attnquant.bench --configs ${CONFIG_SHAPES:-} 2>&1 | tee "$OUT/configs.log"; fi
-if [ $VARIANTS = 1 ]; then timeout 250 python3 -m attnquant.bench --gluon-variants 2>&1 | tee "$OUT/variants.log"; fi
-timeout 40 python3 -m attnquant.demo 2>&1 | tee "$OUT/demo.log"
-if [ $SWEEP = 1 ]; then timeout 130 python3 -m attnquant.bench --sweep 2>&1 | tee "$OUT/sweep.log"; fi
-if [ $NCU = 1 ]; then  # NCU_SHAPE (a bench.PREFILL name), NCU_ABLATE (the ablations to profile, 0 = none)
-  for ab in ${NCU_ABLATE:-0 1}; do
-    timeout 200 ncu --clock-control none --kernel-name regex:attn_fwd_ws --launch-skip 2 --launch-count 1 \
-      --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-      --section MemoryWorkloadAnalysis \
-      python3 scripts/profile_gluon.py ${NCU_SHAPE:-prefill_gqa_8k} $ab > "$OUT/ncu_ablate$ab.txt" 2>&1
-    echo "ncu ${NCU_SHAPE:-prefill_gqa_8k} (ablate=$ab):"
-    grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Hit|L2 Hit|Issue Slots Busy|Executed Ipc A|No Eligible|Warp Cycles Per Issued|Stall|Tensor|pipe" "$OUT/ncu_ablate$ab.txt" | head -40
-  done
+if [ $FUZZ = 1 ]; then
+  ATTNQUANT_FUZZ_PROFILE=gpu timeout ${FUZZ_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
+    --hypothesis-show-statistics tests/test_fuzz.py > "$OUT/fuzz.log" 2>&1
+  echo "fuzz exit $?"; grep -E "passing examples|^(FAILED|ERROR)" "$OUT/fuzz.log" | head -20; tail -n 1 "$OUT/fuzz.log"
 fi
-if [ $NCU_SOURCE = 1 ]; then  # NCU_SHAPES: bench.PREFILL names, each optionally :option=N[:...] (profile_gluon.py)
+if [ -n "$AB_BASE" ]; then timeout ${AB_TIMEOUT:-400} python3 tools/ab_versions.py "$AB_BASE" ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log"; fi
+if [ $BENCH = 1 ]; then timeout ${BENCH_TIMEOUT:-400} python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"; fi
+if [ $NCU_SOURCE = 1 ]; then  # NCU_SHAPES: bench shape names, each optionally :option=N[:...] (profile_gluon.py)
   for spec in ${NCU_SHAPES:-noncausal_mha_8k prefill_mla_4k}; do
     fmt=fp8 kernel=attn_fwd_ws
     case "$spec" in *@fa4) fmt=fa4 kernel=FlashAttentionForward spec=${spec%@fa4} ;; esac
@@ -72,7 +72,7 @@ if [ $NCU_SOURCE = 1 ]; then  # NCU_SHAPES: bench.PREFILL names, each optionally
     tag=$(echo "$spec" | tr ':=' '__'); [ $fmt = fa4 ] && tag=${tag}_fa4
     timeout 200 ncu --clock-control none --kernel-name regex:$kernel --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section SourceCounters -f -o "/tmp/src_$tag" \
-      python3 scripts/profile_gluon.py "$shape" 0 $fmt ${opts//:/ } > /tmp/ncu_src_$tag.log 2>&1
+      python3 tools/profile_gluon.py "$shape" $fmt ${opts//:/ } > /tmp/ncu_src_$tag.log 2>&1
     ncu -i "/tmp/src_$tag.ncu-rep" --page source --csv --print-source sass | gzip > "$OUT/src_$tag.csv.gz"
     echo "ncu source $spec:"; ncu -i "/tmp/src_$tag.ncu-rep" --page details 2>&1 | grep -E "Duration|SM Frequency|Warp Cycles Per Issued" | head -5
   done

@@ -19,7 +19,7 @@ BACKENDS = ["triton", "gluon"] if GLUON else ["triton"]
 
 def gluon_takes(d, dv):
     """Head dims the Gluon kernel runs (others make backend='gluon' raise)."""
-    from attnquant.kernels.hopper.launch import head_dims_supported
+    from attnquant.kernels.hopper.config import head_dims_supported
     return head_dims_supported(d, dv)
 
 

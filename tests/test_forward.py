@@ -148,7 +148,7 @@ def test_fp32_out():
 @pytest.mark.parametrize("dims", [(64, 64), (192, 128), (96, 96)], ids=str)
 def test_kv_load_paths(dims, block_ptr):
     """Both K/V address modes (block pointers, pointer tensors) on the same cases."""
-    from attnquant.kernels.config import FwdConfig
+    from attnquant.kernels.portable.config import FwdConfig
 
     cfg = FwdConfig(16, 16, 4, 1, block_ptr) if not ON_GPU else FwdConfig(128, 64, 8, 3, block_ptr)
     run_case(DTYPES[0], True, dims, (4, 2), torch.float8_e4m3fn, _config=cfg)

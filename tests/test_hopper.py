@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import attnquant as aq
-from attnquant import quant
-from attnquant.kernels.hopper import launch as hopper
+from attnquant import dispatch, quant
+from attnquant.kernels.hopper import config as hcfg, launch as hopper
+from attnquant.problem import Attention, make_problem
 from attnquant.reference import attention_ref_batched, attention_ref_varlen
 
 from .helpers import DEVICE, DTYPES, GLUON, check_lse, check_output, format_kwargs, make_format, randn
@@ -32,9 +33,9 @@ def test_backend_argument_rejected(backend, exc, msg):
 
 
 def test_backend_env_rejected(monkeypatch):
-    monkeypatch.setenv(hopper.BACKEND_ENV, "cudnn")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "cudnn")
     q, k, v = small_inputs()
-    with pytest.raises(ValueError, match=hopper.BACKEND_ENV):
+    with pytest.raises(ValueError, match=dispatch.BACKEND_ENV):
         aq.flash_attn_func(q, k, v)
 
 
@@ -55,19 +56,19 @@ def test_forced_gluon_refuses_with_reason(kw, msg):
 
 def test_env_forces_portable_kernel(monkeypatch):
     """ATTNQUANT_BACKEND=triton keeps calls off the Gluon kernel; 'auto' takes it for prefill
-    tiles on sm_90 and leaves decode-sized ones to the portable kernel."""
-    calls = []
-    real = hopper.launch
-    monkeypatch.setattr(hopper, "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tiles on sm_90 and leaves decode-sized ones to the portable kernel (dispatch.plan)."""
     q, k, v = small_inputs(sq=200, sk=200)
-    monkeypatch.setenv(hopper.BACKEND_ENV, "triton")
+    attn = Attention(0.125, True)
+
+    def gluon_planned(q):
+        return dispatch.plan(make_problem(q, k, v, q.shape[1], k.shape[1]), attn, 0, None).gluon
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     a, _ = aq.flash_attn_func(q, k, v, causal=True)
-    assert calls == []
-    monkeypatch.setenv(hopper.BACKEND_ENV, "auto")
+    assert not gluon_planned(q)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "auto")
     b, _ = aq.flash_attn_func(q, k, v, causal=True)
-    assert calls == ([1] if GLUON else [])
-    aq.flash_attn_func(q[:, :8], k, v, causal=True)  # 8 x 2 packed rows: decode-sized
-    assert calls == ([1] if GLUON else [])
+    assert gluon_planned(q) == GLUON
+    assert not gluon_planned(q[:, :8])  # 8 x 2 packed rows: decode-sized
     assert (a.float() - b.float()).abs().max() < 0.05 * a.float().abs().max()
 
 
@@ -103,39 +104,39 @@ def test_packed_qkv_layout():
     _check(q, k, v, True, torch.float8_e4m3fn)
 
 
-def _small_grid(monkeypatch, ctas, kv_heads_per_section, sk, d, dv, dtype):
-    """Pretend the GPU has `ctas` SMs, and make L2 sections hold `kv_heads_per_section` KV heads."""
-    monkeypatch.setitem(hopper._NUM_SMS, torch.cuda.current_device(), ctas)
+def small_grid(cfg, ctas, kv_heads_per_section, sk, d, dv, dtype):
+    """cfg on `ctas` persistent CTAs (each walks many tiles), with L2 sections of
+    `kv_heads_per_section` KV heads."""
     kv_head_bytes = sk * (d + dv) * torch.tensor([], dtype=dtype).element_size()
-    monkeypatch.setattr(hopper, "L2_SECTION_BYTES", kv_heads_per_section * kv_head_bytes)
+    return replace(cfg, ctas=ctas, l2_section_bytes=kv_heads_per_section * kv_head_bytes)
 
 
 @needs_gluon
 @pytest.mark.parametrize("ctas", [1, 7], ids=lambda n: f"{n}ctas")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
-def test_persistent_schedule(monkeypatch, dims, causal, ctas):
+def test_persistent_schedule(dims, causal, ctas):
     """Each CTA takes many tiles (60 tiles on 1 or 7 CTAs, from the shared counter): the
     K/V ring, the Q buffers, the tile-id ring and every barrier phase run on from tile to
     tile, and L2 sections of 10 batch*heads leave a partial last section (of 12)."""
     (d, dv), dtype = dims, DTYPES[0]
     b, sq, sk, h, hkv = 3, 600, 700, 4, 2
-    _small_grid(monkeypatch, ctas, 5, sk, d, dv, dtype)
-    shape = SimpleNamespace(num_heads=h, num_heads_kv=hkv, max_seqlen_k=sk, head_dim=d, head_dim_v=dv, batch=b,
+    cfg = small_grid(hcfg.ws_config(d, dv), ctas, 5, sk, d, dv, dtype)
+    shape = SimpleNamespace(num_heads=h, group=h // hkv, max_seqlen_k=sk, head_dim=d, head_dim_v=dv, batch=b,
                             k=torch.empty(0, dtype=dtype))
-    assert hopper.l2_section(shape) == 10
+    assert hcfg.l2_section(shape, cfg.l2_section_bytes) == 10
     q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, dv, dtype=dtype)
-    _check(q, k, v, causal, torch.float8_e4m3fn if ctas == 1 else "group_ue8m0")
+    _check(q, k, v, causal, torch.float8_e4m3fn if ctas == 1 else "group_ue8m0", _config=cfg)
 
 
 @needs_gluon
 @pytest.mark.parametrize("causal", [False, True])
-def test_persistent_schedule_varlen(monkeypatch, causal):
+def test_persistent_schedule_varlen(causal):
     """Varlen on 3 CTAs: tiles past a sequence's end (the tile space covers max_seqlen_q for
     every sequence) and an empty sequence are skipped by the producer, never published."""
     dtype, (h, hkv), d = DTYPES[0], (4, 2), 128
     lens_q, lens_k = [300, 0, 900, 130, 5], [300, 0, 1000, 100, 40]
-    _small_grid(monkeypatch, 3, 1, max(lens_k), d, d, dtype)
+    cfg = small_grid(hcfg.ws_config(d, d), 3, 1, max(lens_k), d, d, dtype)
     cq, ck = (torch.tensor([0] + list(torch.tensor(n).cumsum(0)), dtype=torch.int32, device=DEVICE)
               for n in (lens_q, lens_k))
     q, k, v = (randn(sum(lens_q), h, d, dtype=dtype), randn(sum(lens_k), hkv, d, dtype=dtype),
@@ -144,7 +145,7 @@ def test_persistent_schedule_varlen(monkeypatch, causal):
     eager_o, _ = attention_ref_varlen(q, k, v, cq, ck, None, causal=causal, eager_dtype=dtype)
     fmt = make_format(torch.float8_e4m3fn, dtype, ref_o)
     out, lse = aq.flash_attn_varlen_func(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=causal, return_lse=True,
-                                         backend="gluon", **format_kwargs(fmt))
+                                         backend="gluon", _config=cfg, **format_kwargs(fmt))
     check_output(out, fmt, ref_o, eager_o, what=f"gluon varlen, 3 CTAs, causal={causal}")
     check_lse(lse, ref_lse, "gluon varlen, 3 CTAs")
 
@@ -152,37 +153,33 @@ def test_persistent_schedule_varlen(monkeypatch, causal):
 @needs_gluon
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_pingpong_option(monkeypatch, causal, dims):
+def test_pingpong_option(causal, dims):
     """WsConfig.pingpong (off by default: measured no faster): the consumers take turns
     issuing wgmmas through two named barriers. Every arrive must meet a sync across all
     the tiles of a CTA (3 CTAs here) or the kernel hangs or races."""
     (d, dv), dtype = dims, DTYPES[0]
-    base = hopper.ws_config
-    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: replace(base(d_, dv_), pingpong=True))
-    _small_grid(monkeypatch, 3, 1, 700, d, dv, dtype)
+    cfg = small_grid(replace(hcfg.ws_config(d, dv), pingpong=True), 3, 1, 700, d, dv, dtype)
     q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype), randn(2, 700, 2, dv, dtype=dtype)
-    _check(q, k, v, causal, torch.float8_e4m3fn)
+    _check(q, k, v, causal, torch.float8_e4m3fn, _config=cfg)
 
 
 @needs_gluon
 @pytest.mark.parametrize("serial", [False, True], ids=["overlap", "serial"])
 @pytest.mark.parametrize("dims", [(64, 64), (128, 128), (192, 128)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_three_consumers(monkeypatch, causal, dims, serial):
+def test_three_consumers(causal, dims, serial):
     """WsConfig.consumers = 3: 192-row tiles (Sq = 600: three whole tiles and one of 24 rows,
     causal diagonals through three warpgroups' rows), every K/V slot released by three
     warpgroups, GQA, 3 CTAs walking several tiles each; 64-key blocks with FA3's intra-warpgroup
     overlap, or 128-key blocks (64 at d=192: shared memory) each waited for in turn."""
     (d, dv), dtype = dims, DTYPES[0]
-    base = hopper.ws_config
     if serial:
-        cfg = replace(base(d, dv, 128 if d <= 128 else 64, consumers=3), intra_overlap=False)
+        cfg = replace(hcfg.ws_config(d, dv, 128 if d <= 128 else 64, consumers=3), intra_overlap=False)
     else:
-        cfg = base(d, dv, consumers=3)
-    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: cfg)
-    _small_grid(monkeypatch, 3, 1, 700, d, dv, dtype)
+        cfg = hcfg.ws_config(d, dv, consumers=3)
+    cfg = small_grid(cfg, 3, 1, 700, d, dv, dtype)
     q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype), randn(2, 700, 2, dv, dtype=dtype)
-    _check(q, k, v, causal, torch.float8_e4m3fn if serial else "plain")
+    _check(q, k, v, causal, torch.float8_e4m3fn if serial else "plain", _config=cfg)
 
 
 def test_for_problem_rule():
@@ -190,20 +187,20 @@ def test_for_problem_rule():
     where whole-tile waves favor them (the four non-causal shapes measured in perf-notes v26, on
     132 SMs); causal, varlen, d=192, ping-pong and configs that opt out keep theirs."""
     def pick(b, h, s, causal=False, d=128, varlen=False, **options):
-        cfg = replace(hopper.ws_config(d, 128), **options)
+        cfg = replace(hcfg.ws_config(d, 128), **options)
         p = SimpleNamespace(head_dim=d, head_dim_v=128, varlen=varlen, batch=b, num_heads=h, max_seqlen_q=s,
                             max_seqlen_k=s)
-        return hopper.for_problem(cfg, p, causal, 132)
+        return hcfg.for_problem(cfg, p, causal, 132)
     three = pick(2, 32, 8192)
     assert (three.consumers, three.block_n, three.intra_overlap, three.block_m) == (3, 128, False, 192)
     # B1 H16 8k: 5 1/4 waves of 192 rows (the last wave's 28 tiles split in 4) against 8 of 128;
     # without the split, 6 against 8 (3 % slower, measured)
     assert [pick(1, 32, 8192).consumers, pick(1, 16, 8192).consumers, pick(4, 32, 4096).consumers] == [3, 3, 3]
     assert pick(1, 16, 8192, split_tail=False).consumers == 2
-    base = hopper.ws_config(128, 128)
+    base = hcfg.ws_config(128, 128)
     assert pick(2, 32, 8192, causal=True) == base
     assert pick(2, 32, 8192, varlen=True) == base
-    assert pick(2, 32, 8192, d=192) == hopper.ws_config(192, 128)
+    assert pick(2, 32, 8192, d=192) == hcfg.ws_config(192, 128)
     assert pick(2, 32, 8192, pingpong=True) == replace(base, pingpong=True)
     assert pick(2, 32, 8192, auto_consumers=False) == replace(base, auto_consumers=False)
     assert pick(2, 32, 8192, lazy_rescale=False).lazy_rescale is False  # (the other options carry over)
@@ -212,61 +209,57 @@ def test_for_problem_rule():
 def test_tail_split_rule():
     """The last wave's tiles are cut into as many parts as fit the CTAs that wave leaves idle
     (at most MAX_SPLIT, at most one key block a part); whole waves are never split."""
-    assert hopper.tail_split(1376, 132, 64) == (1320, 2)  # B1 H32 8k, 192-row tiles: 56 tiles left
-    assert hopper.tail_split(2048, 132, 64) == (2048, 1)  # 68 left: no room for 2 parts each
-    assert hopper.tail_split(688, 132, 64) == (660, 4)
-    assert hopper.tail_split(1320, 132, 64) == (1320, 1)  # whole waves
-    assert hopper.tail_split(20, 132, 6) == (0, 6)  # one partial wave: every tile split, by its 6 blocks
-    assert hopper.tail_split(10, 132, 64) == (0, hopper.MAX_SPLIT)
-    assert hopper.tail_split(5, 132, 1) == (5, 1)
-    assert hopper.waves(1376, 132, 64) == 10.5 and hopper.waves(2048, 132, 64) == 16
-    assert hopper.waves(1376, 132, 1) == 11 and hopper.waves(1320, 132, 64) == 10
+    assert hcfg.tail_split(1376, 132, 64) == (1320, 2)  # B1 H32 8k, 192-row tiles: 56 tiles left
+    assert hcfg.tail_split(2048, 132, 64) == (2048, 1)  # 68 left: no room for 2 parts each
+    assert hcfg.tail_split(688, 132, 64) == (660, 4)
+    assert hcfg.tail_split(1320, 132, 64) == (1320, 1)  # whole waves
+    assert hcfg.tail_split(20, 132, 6) == (0, 6)  # one partial wave: every tile split, by its 6 blocks
+    assert hcfg.tail_split(10, 132, 64) == (0, hcfg.MAX_SPLIT)
+    assert hcfg.tail_split(5, 132, 1) == (5, 1)
+    assert hcfg.waves(1376, 132, 64) == 10.5 and hcfg.waves(2048, 132, 64) == 16
+    assert hcfg.waves(1376, 132, 1) == 11 and hcfg.waves(1320, 132, 64) == 10
 
 
 @needs_gluon
 @pytest.mark.parametrize("consumers,ctas,parts", [(2, 8, 2), (2, 9, 4), (2, 40, 2), (3, 5, 5), (3, 7, 3)],
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128)], ids=str)
-def test_split_tail(monkeypatch, dims, consumers, ctas, parts):
+def test_split_tail(dims, consumers, ctas, parts):
     """Non-causal: the last wave's tiles run as `parts` units over shares of the keys, and each
     tile's last part merges the others' partial results (B1, H4, Sq 600 / Sk 700 on `ctas` CTAs:
     20 tiles of 128 rows or 16 of 192; 40 CTAs: every tile split). Two calls, so that the second
     reads a workspace that may hold the first's partials; the output starts as NaN."""
     (d, dv), dtype = dims, DTYPES[0]
-    base = hopper.ws_config
     if consumers == 3:
-        cfg = replace(base(d, dv, 128 if d <= 128 else 64, consumers=3), intra_overlap=False)
-    else:  # (for_problem would weigh, and record, the 3-consumer split too)
-        cfg = replace(base(d, dv), auto_consumers=False)
-    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: cfg)
-    _small_grid(monkeypatch, ctas, 1, 700, d, dv, dtype)
-    splits = []
-    real = hopper.tail_split
-    monkeypatch.setattr(hopper, "tail_split", lambda *a: splits.append(real(*a)) or splits[-1])
+        cfg = replace(hcfg.ws_config(d, dv, 128 if d <= 128 else 64, consumers=3), intra_overlap=False)
+    else:  # (for_problem could pick the 3-consumer kernel)
+        cfg = replace(hcfg.ws_config(d, dv), auto_consumers=False)
+    cfg = small_grid(cfg, ctas, 1, 700, d, dv, dtype)
     for kind in (torch.float8_e4m3fn, "group_ue8m0"):
         q, k, v = randn(1, 600, 4, d, dtype=dtype), randn(1, 700, 2, d, dtype=dtype), randn(1, 700, 2, dv, dtype=dtype)
+        sched = hcfg.schedule(make_problem(q, k, v, 600, 700), cfg, False, 132)
+        tiles = 4 * (5 if consumers == 2 else 4)
+        assert (sched.num_tiles, sched.split_from, sched.parts) == (tiles, tiles - tiles % ctas, parts)
         out = torch.full((1, 600, 4, dv), float("nan"), device=DEVICE).to(torch.float8_e4m3fn)  # (a row not written fails)
-        _check(q, k, v, False, kind, out=out)
-    tiles = 4 * (5 if consumers == 2 else 4)
-    assert splits == [(tiles - tiles % ctas, parts)] * 2
+        _check(q, k, v, False, kind, out=out, _config=cfg)
 
 
 @needs_gluon
 @pytest.mark.parametrize("causal", [False, True])
-def test_workspace_left_zero(monkeypatch, causal):
+def test_workspace_left_zero(causal):
     """The unit counter and the split flags live in one buffer per stream that each call leaves
     zero (no fill kernel per call): three calls in a row (7 CTAs, many tiles each; non-causal
     with the last wave split) all match the reference, share the buffer, and leave it zero."""
     d, dtype = 128, DTYPES[0]
-    monkeypatch.setattr(hopper, "ws_config", lambda d_, dv_: replace(hopper._ws_config(d_, dv_), auto_consumers=False))
-    _small_grid(monkeypatch, 7, 1, 700, d, d, dtype)
-    monkeypatch.setattr(hopper, "_WORKSPACES", {})
+    cfg = small_grid(replace(hcfg.ws_config(d, d), auto_consumers=False), 7, 1, 700, d, d, dtype)
+    stream = torch.cuda.current_stream()
     for _ in range(3):
         q, k, v = randn(2, 600, 4, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype), randn(2, 700, 2, d, dtype=dtype)
-        _check(q, k, v, causal, torch.float8_e4m3fn)
-    torch.cuda.synchronize()
-    (buf,) = hopper._WORKSPACES.values()
-    assert buf.numel() >= 1 and int(buf.abs().sum()) == 0
+        _check(q, k, v, causal, torch.float8_e4m3fn, _config=cfg)
+        buf = hopper.workspace(q.device, stream, 1)
+        torch.cuda.synchronize()
+        assert int(buf.abs().sum()) == 0
+        assert buf.data_ptr() == hopper.workspace(q.device, stream, 1).data_ptr()
 
 
 @needs_gluon
@@ -297,18 +290,16 @@ def test_cuda_graph_replay():
 
 
 @needs_gluon
-def test_noncausal_takes_three_consumers(monkeypatch):
+def test_noncausal_takes_three_consumers():
     """The launcher's own choice (for_problem, here on 7 CTAs: 48 tiles of 192 rows in 7 waves
     against 72 of 128 in 10 1/3, the last wave's two tiles split in 3) runs and matches the
     reference."""
     dtype, d = DTYPES[0], 128
-    _small_grid(monkeypatch, 7, 1, 1100, d, d, dtype)
-    used = []
-    real = hopper.for_problem
-    monkeypatch.setattr(hopper, "for_problem", lambda *a: used.append(real(*a)) or used[-1])
+    cfg = small_grid(hcfg.ws_config(d, d), 7, 1, 1100, d, d, dtype)
     q, k, v = randn(2, 1100, 4, d, dtype=dtype), randn(2, 1100, 2, d, dtype=dtype), randn(2, 1100, 2, d, dtype=dtype)
-    _check(q, k, v, False, torch.float8_e4m3fn)
-    assert [(c.consumers, c.intra_overlap) for c in used] == [(3, False)]
+    sched = hcfg.schedule(make_problem(q, k, v, 1100, 1100), cfg, False, 132)
+    assert (sched.cfg.consumers, sched.cfg.intra_overlap, sched.parts) == (3, False, 3)
+    _check(q, k, v, False, torch.float8_e4m3fn, _config=cfg)
 
 
 @needs_gluon
@@ -334,20 +325,19 @@ def test_launch_cache(monkeypatch, dims):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dims", [(32, 32), (128, 128), (192, 128)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_lazy_rescale_option(monkeypatch, causal, dims, dtype):
+def test_lazy_rescale_option(causal, dims, dtype):
     """WsConfig.lazy_rescale flipped from its default. Keys scaled up along the sequence, and
     a few spikes, make the row maxima rise in many blocks by less and by more than the 2^8
     threshold: the kept-max path (P up to 256), the moved-max path, and warps that skip O's
     rescale next to warps that do it (Dv = 32 takes the 16-value asm blocks)."""
     d, dv = dims
-    base = hopper.ws_config
-    monkeypatch.setattr(hopper, "ws_config",
-                        lambda d_, dv_: replace(base(d_, dv_), lazy_rescale=not base(d_, dv_).lazy_rescale))
+    base = hcfg.ws_config(d, dv)
+    cfg = replace(base, lazy_rescale=not base.lazy_rescale)
     b, s, h, hkv = 2, 1100, 4, 2
     k = randn(b, s, hkv, d, dtype=torch.float32) * torch.linspace(0.3, 3.0, s, device=DEVICE)[None, :, None, None]
     k[:, torch.randperm(s, device=DEVICE)[:12]] *= 4.0
     q, v = randn(b, s, h, d, dtype=dtype), randn(b, s, hkv, dv, dtype=dtype)
-    _check(q, k.to(dtype), v, causal, torch.float8_e4m3fn)
+    _check(q, k.to(dtype), v, causal, torch.float8_e4m3fn, _config=cfg)
 
 
 @needs_gluon
@@ -355,15 +345,12 @@ def test_lazy_rescale_option(monkeypatch, causal, dims, dtype):
                                             ((192, 128), "plain", False), ((192, 128), "group_ue8m0", True)],
                          ids=str)
 @pytest.mark.parametrize("out_layout", ["contiguous", "strided"])
-def test_output_epilogue_paths(monkeypatch, dims, kind, room, out_layout):
+def test_output_epilogue_paths(dims, kind, room, out_layout):
     """Whole 64-row tiles go out through shared memory and a TMA store where the staging tile
     fits (not next to d=192's K/V ring in 16 bits) and `out` reads as a 2-D (tokens, H * Dv)
     view (not a slice of a wider buffer); everything else, and the rows of a tile cut by the
     sequence end (Sq = 300: tiles of 64 whole rows, and a last one of 44), store from registers."""
     (d, dv), dtype = dims, DTYPES[0]
-    used = []
-    real = hopper.tma_store_applies
-    monkeypatch.setattr(hopper, "tma_store_applies", lambda *a: used.append(real(*a)) or used[-1])
     b, sq, h, hkv = 2, 300, 4, 2
     q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sq, hkv, d, dtype=dtype), randn(b, sq, hkv, dv, dtype=dtype)
     ref_o, ref_lse = attention_ref_batched(q, k, v, causal=True)
@@ -374,6 +361,8 @@ def test_output_epilogue_paths(monkeypatch, dims, kind, room, out_layout):
     res, lse = aq.flash_attn_func(q, k, v, causal=True, return_lse=True, backend="gluon", out=out,
                                   **format_kwargs(fmt))
     assert res.data_ptr() == out.data_ptr()
-    assert used == [room and out_layout == "contiguous"]
+    p = make_problem(q, k, v, sq, sq)
+    assert hopper.tma_store_applies(p, hcfg.schedule(p, hcfg.ws_config(d, dv), True, 132).cfg, out) == (
+        room and out_layout == "contiguous")
     check_output(res, fmt, ref_o, eager_o, what=f"gluon {dims} {fmt.dtype} out {out_layout}")
     check_lse(lse, ref_lse, "gluon epilogue paths")

@@ -56,7 +56,7 @@ def test_kvcache_contiguous(heads, sq, num_splits, kind):
 def test_paged_bit_identical_to_contiguous(page, num_splits, kind):
     """Same tile config and split count: the paged address path computes exactly what the
     contiguous one does. (By default the two may pick different tiles, see config.py.)"""
-    from attnquant.kernels.config import forward_config
+    from attnquant.kernels.portable.config import forward_config
 
     dtype = DTYPES[0]
     gen = torch.Generator().manual_seed(page + num_splits)

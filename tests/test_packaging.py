@@ -9,7 +9,6 @@ on sys.path."""
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

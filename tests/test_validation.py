@@ -77,7 +77,13 @@ def test_scale_on_other_device():
 INPUT_CASES = [
     ("q rank", lambda q, k, v: (q[0], k, v), {}, ValueError, "q must have 4"),
     ("q float32", lambda q, k, v: (q.float(), k, v), {}, TypeError, "q must be"),
-    ("k dtype", lambda q, k, v: (q, k.float(), v), {}, TypeError, "k must have"),
+    ("k dtype", lambda q, k, v: (q, k.float(), v.float()), {}, TypeError, "k must be"),
+    ("k/v dtypes mixed", lambda q, k, v: (q, k.to(torch.float8_e4m3fn), v), {}, TypeError, "one dtype"),
+    ("fp8 q with bf16 k", lambda q, k, v: (q.to(torch.float8_e4m3fn), k, v), {}, TypeError, "FP8"),
+    ("descale without fp8", lambda q, k, v: (q, k, v), dict(k_descale=torch.ones(())), ValueError, "k_descale"),
+    ("sinks shape", lambda q, k, v: (q, k, v), dict(sinks=torch.zeros(3)), ValueError, "sinks"),
+    ("sinks dtype", lambda q, k, v: (q, k, v), dict(sinks=torch.zeros(4, dtype=torch.int32)), TypeError, "sinks"),
+    ("sinks not a tensor", lambda q, k, v: (q, k, v), dict(sinks=[0.0] * 4), TypeError, "sinks"),
     ("H % Hkv", lambda q, k, v: (q[:, :, :3], k, v), {}, ValueError, "multiple"),
     ("k head dim", lambda q, k, v: (q, k[..., :32], v), {}, ValueError, "head dim"),
     ("unsupported head dim", lambda q, k, v: (q[..., :40], k[..., :40], v), {}, ValueError, "head dim 40"),
@@ -102,6 +108,7 @@ INPUT_CASES = [
 @pytest.mark.parametrize("name,mutate,kw,exc,msg", INPUT_CASES, ids=[c[0] for c in INPUT_CASES])
 def test_inputs_rejected(name, mutate, kw, exc, msg):
     q, k, v = mutate(*qkv())
+    kw = {key: (val.to(DEVICE) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
     out = sentinel_out(DT)
     before = out.clone()
     with pytest.raises(exc, match=msg):

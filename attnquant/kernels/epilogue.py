@@ -12,15 +12,11 @@ that is not a finite positive number makes the whole output NaN. FP8 stores NaN 
 format's NaN code; NVFP4, which has none, as the block's e4m3 scale byte 0x7F.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-# Keep these equal to attnquant.quant.PLAIN / FP8_STATIC / FP8_GROUP / NVFP4.
-OUT_PLAIN = tl.constexpr(0)
-OUT_FP8_STATIC = tl.constexpr(1)
-OUT_FP8_GROUP = tl.constexpr(2)
-OUT_NVFP4 = tl.constexpr(3)
-NVFP4_BLOCK = tl.constexpr(16)
+from .constants import NVFP4_BLOCK_C as NVFP4_BLOCK, OUT_FP8_STATIC, OUT_NVFP4, OUT_PLAIN, OutKind
 
 
 NAN_PROPAGATE = tl.constexpr(tl.PropagateNan.ALL)
@@ -40,6 +36,19 @@ def nan_if_inf(x):
     would give its key weight 0 (-inf) or turn into a finite softcap; an infinite output
     would saturate to the format's largest value."""
     return tl.fma(x, 0.0, x)
+
+
+@triton.jit
+def add_sink(m_i, l_i, sink):
+    """Fold a learnable sink logit (gpt-oss; log2 units, like m_i) into a row's running maximum
+    m_i and sum l_i as one more score whose value is 0. Returns (m, l, alpha): the new maximum
+    and sum, and the factor alpha for the row's accumulated O (whose weights were relative to
+    m_i). A row that saw no key gets l = 1 (O = 0, LSE = the sink); a sink of -inf changes
+    nothing; a NaN sink makes the row NaN."""
+    m = tl.maximum(m_i, sink, propagate_nan=NAN_PROPAGATE)  # (no nested jit call: Gluon compiles this too)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    alpha = tl.math.exp2(m_i - m_use)
+    return m, l_i * alpha + tl.math.exp2(sink - m_use), alpha
 
 
 @triton.jit
@@ -213,3 +222,26 @@ def store_output(
                  mask=row_ok[:, None] & (g < DV // GROUP_SIZE)[None, :])
     if OUT_KIND != OUT_NVFP4:  # (NVFP4 stored its packed bytes above)
         tl.store(out_ptrs, o.to(out_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------
+# Host side: the constexprs that select and parametrize the epilogue for an OutputFormat.
+# ----------------------------------------------------------------------------------
+
+# FP8 output dtypes: max finite, mantissa bits, exponent of the smallest normal
+FP8_PARAMS = {torch.float8_e4m3fn: (448.0, 3, -6), torch.float8_e5m2: (57344.0, 2, -14)}
+# Output dtypes whose fp32 -> dtype conversion Triton's interpreter gets wrong (it truncates bf16
+# and does not carry an fp8 rounding into the exponent), which the epilogue rounds itself there
+# (round_to_fp8_grid): (mantissa bits, exponent of the smallest normal)
+EMULATED_ROUNDING = {**{dt: p[1:] for dt, p in FP8_PARAMS.items()}, torch.bfloat16: (7, -126)}
+
+
+def constexprs(fmt, interpret: bool) -> dict:
+    """store_output's constexprs for quant.OutputFormat `fmt` (the portable and combine kernels
+    take them all; the Gluon kernel the ones it names)."""
+    mant, emin = EMULATED_ROUNDING.get(fmt.dtype, (0, 0))
+    return dict(
+        OUT_KIND=int(fmt.kind), FP8_MAX=FP8_PARAMS[fmt.dtype][0] if fmt.dtype in FP8_PARAMS else 0.0, ROUND_MANT=mant,
+        ROUND_EMIN=emin, EMULATE_ROUNDING=interpret and (mant > 0 or fmt.kind == OutKind.NVFP4),
+        GROUP_SIZE=max(fmt.group_size, 1), UE8M0=fmt.ue8m0,
+    )

@@ -56,6 +56,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .. import epilogue as _portable
+from ..constants import LN2_C as LN2, LOG2E_C as LOG2E, WG_ROWS_C as WG_ROWS
 
 # The portable epilogue's element-wise helpers, compiled as Gluon functions: the
 # saturation and the power-of-two rounding are shared, not restated.
@@ -67,9 +68,8 @@ _nvfp4_scale_offset = gluon.jit(_portable.nvfp4_scale_offset.fn)
 _nan_max = gluon.jit(_portable.nan_max.fn)
 _nan_if_inf = gluon.jit(_portable.nan_if_inf.fn)
 _dequant_scale_inverse = gluon.jit(_portable.dequant_scale_inverse.fn)
+_add_sink = gluon.jit(_portable.add_sink.fn)
 
-WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (wgmma M = 64 per warpgroup)
-LN2 = gl.constexpr(0.6931471805599453)
 # LAZY_RESCALE: the running max moves only when a block's passes it by more than this (log2
 # units: P <= 256), FA4's threshold
 RESCALE_LOG2 = gl.constexpr(8.0)
@@ -382,16 +382,13 @@ def _mask_scores(s, j, q_pos, seqlen_k, diag, BLOCK_N: gl.constexpr, CAUSAL: gl.
 @gluon.jit
 def _softmax_step(s, m_i, l_i, j, n_full, q_pos, seqlen_k, diag, qk_scale,
                   MASKED: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, s_layout: gl.constexpr,
-                  p_dtype: gl.constexpr, LAZY_RESCALE: gl.constexpr, ABLATE: gl.constexpr = 0):
+                  p_dtype: gl.constexpr, LAZY_RESCALE: gl.constexpr):
     """Online softmax of score block j: returns (p, m_new, l_new, alpha) with
     p = exp2(s * qk_scale - m) in p_dtype (16-bit: half the registers of fp32 while it waits
     for its PV), alpha = exp2(m_old - m) (0-safe for rows with no key yet).
     LAZY_RESCALE (FA4's conditional rescale): m moves only when the block's maximum passes it
     by more than RESCALE_LOG2, so p <= 2^RESCALE_LOG2 (exact enough in 16 bits, no overflow in
-    fp32) and alpha is exactly 1 on most blocks, whose O rescale is then skipped (_rescale_o).
-    ABLATE == 1 (a measurement variant, wrong results) skips it: p = s."""
-    if ABLATE == 1:
-        return s.to(p_dtype), m_i, l_i, l_i + 1.0
+    fp32) and alpha is exactly 1 on most blocks, whose O rescale is then skipped (_rescale_o)."""
     # An infinite score (an infinite q or k) must give NaN, not a key of weight 0 (SPEC): where a
     # mask may follow, s itself is checked first (the mask then replaces what a row does not
     # see); unmasked blocks check p instead (below), which keeps ptxas's register allocation.
@@ -482,15 +479,13 @@ def _issue_qk(q, ks, slot, s_zero, DB: gl.constexpr):
 
 
 @gluon.jit
-def _pipelined_block(g, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i, alpha,
+def _pipelined_block(g, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, p, m_i, l_i, alpha,
                      q_pos, seqlen_k, diag, qk_scale, s_zero,
                      WG: gl.constexpr, DB: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, s_layout: gl.constexpr,
-                     o_layout: gl.constexpr, p_layout: gl.constexpr, ABLATE: gl.constexpr,
-                     PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr):
+                     o_layout: gl.constexpr, p_layout: gl.constexpr, LAZY_RESCALE: gl.constexpr):
     """One step of the consumer loop, key block j of the tile (g of the CTA): S_j = Q K_j^T
-    and O += P_{j-1} V_{j-1} in flight together, the softmax of S_j under the PV.
-    ABLATE == 2 (a measurement variant, wrong results) leaves the PV wgmma out."""
+    and O += P_{j-1} V_{j-1} in flight together, the softmax of S_j under the PV."""
     slot = g % NUM_STAGES  # K_g and V_{g-1} (see _producer)
     mbarrier.wait(k_ready.index(slot), (g // NUM_STAGES) & 1)
     if PINGPONG:  # my turn: the other warpgroup has issued the QK^T of its last block
@@ -503,23 +498,15 @@ def _pipelined_block(g, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, al
     mbarrier.wait(v_ready.index(slot), ((g - 1) // NUM_STAGES) & 1)
     acc = _rescale_o(acc, alpha, LAZY_RESCALE)
     p_op = gl.convert_layout(p, p_layout)
-    if ABLATE != 2:
-        o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
+    o_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
     # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
     # through both waits as a dependency: otherwise it is dead to the register allocator
     # once issued, the softmax below reuses its registers, and ptxas has to wait for the
     # PV before the softmax (seen in SASS).
     s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j, n_full, q_pos, seqlen_k, diag, qk_scale,
-                                       MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, LAZY_RESCALE, ABLATE)
-    # PV_FENCE: an mbarrier wait that passes at once (its barrier never re-arms) ends the
-    # basic block here. Without it ptxas hoists the PV wait below above the softmax (SASS:
-    # WARPGROUP.DEPBAR before the exp2s), so the softmax no longer runs under the PV; with
-    # it the schedule is as written, but it measured no faster overall (perf-notes v6).
-    if PV_FENCE:
-        mbarrier.wait(always_done, 0)
-    if ABLATE != 2:
-        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                                       MASKED, BLOCK_N, CAUSAL, s_layout, v_smem.dtype, LAZY_RESCALE)
+    acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
     mbarrier.arrive(kv_empty.index(slot))  # K_g and V_{g-1} consumed
     return acc, p, m_i, l_i, alpha
 
@@ -550,14 +537,14 @@ def _serial_block(g, j, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i
 def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
               NUM_STAGES: gl.constexpr, VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
               STORE_LSE: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr,
-              UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, ABLATE: gl.constexpr, PV_FENCE: gl.constexpr,
+              UE8M0: gl.constexpr, TMA_STORE: gl.constexpr, HAS_SINKS: gl.constexpr,
               LAZY_RESCALE: gl.constexpr, NUM_CONSUMERS: gl.constexpr, INTRA_OVERLAP: gl.constexpr,
               SPLIT_TAIL: gl.constexpr):
     """One warpgroup: rows WG*64 .. +64 of each unit the producer publishes. `args`: the buffers,
     barriers and scalars every consumer gets (constexprs cannot ride in a tuple built in the
     kernel: Gluon 3.6 turns them into tensors)."""
-    (qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done, tile_ids,
-     o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, Partials, SplitFlags, sched, num_heads,
+    (qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, tile_ids,
+     o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, Partials, Sinks, SplitFlags, sched, num_heads,
      seqlen_q, seqlen_k, strides, qk_scale) = args
     pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts = sched
     STASH_STRIDES: gl.constexpr = _stash_strides_applies(NUM_CONSUMERS, OUT_KIND)
@@ -573,11 +560,11 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
             pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK, NUM_CONSUMERS * WG_ROWS, BLOCK_N, VARLEN,
             CAUSAL)
         j_lo, j_hi, n_full = _key_range(part, parts, n_blocks, n_full, SPLIT_TAIL)
-        acc, m_i, l_i = _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+        acc, m_i, l_i = _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                                        m0, sk, sq, j_lo, j_hi, n_full, g, i, qk_scale,
-                                       WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG, ABLATE, PV_FENCE,
+                                       WG, DB, BLOCK_N, DV, NUM_STAGES, CAUSAL, PINGPONG,
                                        LAZY_RESCALE, INTRA_OVERLAP)
-        epilogue = (o_desc, o_smem, Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, m0, sq,
+        epilogue = (o_desc, o_smem, Out, Lse, OutScale, BlockScale, Sinks, b, h, q_tok0, q_row, m0, sq,
                     strides)
         if SPLIT_TAIL:
             # The last part of a split tile merges the other parts' partial results and writes the
@@ -588,12 +575,12 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
             if part + 1 == parts:
                 acc, m_i, l_i = _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, parts - 1, DV,
                                                 NUM_CONSUMERS)
-                _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+                _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, HAS_SINKS, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
                                TMA_STORE, STASH_STRIDES)
             else:
                 _store_partial(acc, m_i, l_i, Partials, SplitFlags, slot0 + part * NUM_CONSUMERS, DV)
         else:
-            _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
+            _tile_epilogue(acc, m_i, l_i, epilogue, WG, DV, STORE_LSE, HAS_SINKS, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0,
                            TMA_STORE, STASH_STRIDES)
         g += j_hi - j_lo
         i += 1
@@ -605,11 +592,11 @@ def _consumer(args, WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, D
 
 
 @gluon.jit
-def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                    q_pos0, seqlen_k, seqlen_q, j_lo, j_hi, n_full, g0, tile_idx, qk_scale,
                    WG: gl.constexpr, DB: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
                    NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                   ABLATE: gl.constexpr, PV_FENCE: gl.constexpr, LAZY_RESCALE: gl.constexpr,
+                   LAZY_RESCALE: gl.constexpr,
                    INTRA_OVERLAP: gl.constexpr):
     """One warpgroup's 64 rows of one unit: key blocks [j_lo, j_hi) of its tile (ring blocks g0 ..).
     Returns (O unnormalized, running max in log2 units, row sum)."""
@@ -644,10 +631,10 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
         mbarrier.arrive(kv_empty.index(slot0))
         if j_lo < n_full:
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j_lo, n_full, q_pos, seqlen_k, diag, qk_scale,
-                                               False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
+                                               False, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE)
         else:
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, j_lo, n_full, q_pos, seqlen_k, diag, qk_scale,
-                                               True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE, ABLATE)
+                                               True, BLOCK_N, CAUSAL, s_layout, dtype, LAZY_RESCALE)
         # Causal: one loop, the mask under a branch. Every causal tile runs its diagonal block, so
         # a masked copy of the loop is instruction-cache working set that each tile fetches again
         # (perf-notes v40: 11 % less code, mla 1-3 % faster). Non-causal: an unmasked loop and a
@@ -661,15 +648,15 @@ def _consumer_tile(qs, ks, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, a
             j_unmasked = n_full
         for j in range(j_lo + 1, j_unmasked):
             acc, p, m_i, l_i, alpha = _pipelined_block(
-                gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i,
+                gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, p, m_i, l_i,
                 alpha, q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, LOOP_MASK, BLOCK_N, NUM_STAGES,
-                CAUSAL, PINGPONG, s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
+                CAUSAL, PINGPONG, s_layout, o_layout, p_layout, LAZY_RESCALE)
         if not CAUSAL:
             for j in range(gl.maximum(n_full, j_lo + 1), j_hi):
                 acc, p, m_i, l_i, alpha = _pipelined_block(
-                    gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, always_done, acc, p, m_i, l_i,
+                    gb + j, j, n_full, q, ks, v_smem, k_ready, v_ready, kv_empty, acc, p, m_i, l_i,
                     alpha, q_pos, seqlen_k, diag, qk_scale, s_zero, WG, DB, True, BLOCK_N, NUM_STAGES,
-                    CAUSAL, PINGPONG, s_layout, o_layout, p_layout, ABLATE, PV_FENCE, LAZY_RESCALE)
+                    CAUSAL, PINGPONG, s_layout, o_layout, p_layout, LAZY_RESCALE)
         # Every QK^T of the unit is done: the producer may load the next unit's Q (under this
         # unit's last PV and epilogue).
         mbarrier.arrive(q_empty.index(WG))
@@ -745,11 +732,11 @@ def _merge_partials(acc, m_i, l_i, Partials, SplitFlags, slot0, n_parts, DV: gl.
 
 @gluon.jit
 def _tile_epilogue(acc, m_i, l_i, epilogue, WG: gl.constexpr, DV: gl.constexpr, STORE_LSE: gl.constexpr,
-                   OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
+                   HAS_SINKS: gl.constexpr, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
                    TMA_STORE: gl.constexpr, STASHED_STRIDES: gl.constexpr):
     """One warpgroup's 64 rows of a tile out: O / rowsum in the output format, and the LSE. A
-    row that saw no key writes 0 and LSE -inf."""
-    (o_desc, o_smem, Out, Lse, OutScale, BlockScale, b, h, q_tok0, q_row, q_pos0, seqlen_q,
+    row that saw no key writes 0 and LSE -inf (with a sink: 0 and the sink's logit)."""
+    (o_desc, o_smem, Out, Lse, OutScale, BlockScale, Sinks, b, h, q_tok0, q_row, q_pos0, seqlen_q,
      strides) = epilogue
     o_layout: gl.constexpr = acc.type.layout
     s_rows: gl.constexpr = m_i.type.layout
@@ -765,11 +752,18 @@ def _tile_epilogue(acc, m_i, l_i, epilogue, WG: gl.constexpr, DV: gl.constexpr, 
         stride_bss = _stride(st, 7)
         stride_bsh = _stride(st, 8)
         stride_bsg = _stride(st, 9)
+        stride_sink = _stride(st, 10)
     else:
-        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh, stride_bsg = strides
+        (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh, stride_bsg,
+         stride_sink) = strides
     tok0 = (q_tok0 + q_pos0).to(gl.int64)
+    if HAS_SINKS:  # the head's sink logit joins the denominator (and the LSE) once, here
+        sink = gl.load(Sinks + h.to(gl.int64) * stride_sink).to(gl.float32) * LOG2E
+        m_i, l_i, alpha = _add_sink(m_i, l_i, sink)
     seen = l_i != 0.0  # (a NaN row sum stays NaN: output and LSE NaN)
     inv_l = gl.where(seen, 1.0 / gl.where(seen, l_i, 1.0), 0.0)
+    if HAS_SINKS:
+        inv_l = inv_l * alpha
     rows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, o_layout))
     row_ok = q_pos0 + rows < seqlen_q
     out_row0 = b.to(gl.int64) * stride_ob + tok0 * stride_os + h.to(gl.int64) * stride_oh
@@ -877,15 +871,16 @@ def _store_output(acc, row_factor, Out, out_rows, row_ok, OutScale, BlockScale, 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section", "split_from", "split_parts"])
 def attn_fwd_ws_kernel(
     q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
-    Partials, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-    stride_bsb, stride_bss, stride_bsh, stride_bsg,
+    Partials, Sinks, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+    stride_bsb, stride_bss, stride_bsh, stride_bsg, stride_sink,
     seqlen_q, seqlen_k, batch, num_heads, section, split_from, split_parts, qk_scale,
     GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr,
     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
+    HAS_SINKS: gl.constexpr,
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
-    TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, ABLATE: gl.constexpr = 0,
-    PV_FENCE: gl.constexpr = False, LAZY_RESCALE: gl.constexpr = False, INTRA_OVERLAP: gl.constexpr = True,
+    TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    LAZY_RESCALE: gl.constexpr = False, INTRA_OVERLAP: gl.constexpr = True,
     SPLIT_TAIL: gl.constexpr = False,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
@@ -924,8 +919,6 @@ def attn_fwd_ws_kernel(
         o_smem = v_smem
     q_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
-    # completed once, never re-armed: a wait on it passes at once (PV_FENCE)
-    always_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -935,8 +928,6 @@ def attn_fwd_ws_kernel(
     for i in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(q_bar.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
-    mbarrier.init(always_done, count=1)
-    mbarrier.arrive(always_done)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
@@ -944,14 +935,14 @@ def attn_fwd_ws_kernel(
     fence_async_shared()
 
     strides = (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh,
-               stride_bsg)
+               stride_bsg, stride_sink)
     if STASH_STRIDES:
         strides = _stash_strides(strides)
     # The two consumers' argument tuples are spelled out: built by tuple concatenation in the
     # kernel, the constexprs in them arrive in the partitions as tensors (Gluon 3.6).
-    consumer = ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, always_done,
+    consumer = ((q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                 tile_ids, o_desc, o_smem, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK,
-                Partials, TileCounter + 1, sched, num_heads, seqlen_q, seqlen_k, strides, qk_scale)
+                Partials, Sinks, TileCounter + 1, sched, num_heads, seqlen_q, seqlen_k, strides, qk_scale)
     producer = ((q_desc, qb_desc, k_desc, kb_desc, v_desc), (q_smem, qb_smem), (k_smem, kb_smem), v_smem, q_bar,
                 q_empty, k_ready, v_ready, kv_empty, tile_ids, sched, TileCounter, num_heads,
                 seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlensK)
@@ -962,23 +953,23 @@ def attn_fwd_ws_kernel(
     if NUM_CONSUMERS == 3:
         gl.warp_specialize([
             (_consumer, (consumer, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
-                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, HAS_SINKS, LAZY_RESCALE, NUM_CONSUMERS,
                          INTRA_OVERLAP, SPLIT_TAIL)),
             (_consumer, (consumer, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
-                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, HAS_SINKS, LAZY_RESCALE, NUM_CONSUMERS,
                          INTRA_OVERLAP, SPLIT_TAIL)),
             (_consumer, (consumer, 2, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
-                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, HAS_SINKS, LAZY_RESCALE, NUM_CONSUMERS,
                          INTRA_OVERLAP, SPLIT_TAIL)),
             (_producer, (producer, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL, NUM_CONSUMERS, SPLIT_TAIL)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (consumer, 0, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
-                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, HAS_SINKS, LAZY_RESCALE, NUM_CONSUMERS,
                          INTRA_OVERLAP, SPLIT_TAIL)),
             (_consumer, (consumer, 1, DB, BLOCK_N, DV, NUM_STAGES, VARLEN, CAUSAL, PINGPONG, STORE_LSE, OUT_KIND,
-                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, ABLATE, PV_FENCE, LAZY_RESCALE, NUM_CONSUMERS,
+                         FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, HAS_SINKS, LAZY_RESCALE, NUM_CONSUMERS,
                          INTRA_OVERLAP, SPLIT_TAIL)),
             (_producer, (producer, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, VARLEN, CAUSAL, NUM_CONSUMERS, SPLIT_TAIL)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -1,7 +1,7 @@
 """Tile configurations and the split-KV heuristic.
 
-The numbers come from sweeps on the H100 (scripts/gpu_check.sh runs them; the
-results and the reasoning are in docs/perf-notes.md). Under TRITON_INTERPRET the
+The numbers come from sweeps on the H100 (tools/ has the sweep; the results and the
+reasoning are in docs/perf-notes.md). Under TRITON_INTERPRET the
 tiles are tiny so that small test shapes still cross several tiles and exercise
 every masked / unmasked stage.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,11 @@ def split_head_dim(d: int):
     return None
 
 
-def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool, page_size: int = 0) -> FwdConfig:
+def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool, page_size: int = 0,
+                   kv_bytes: int = 2) -> FwdConfig:
     """Tile shape for the forward kernel; `rows` = max_seqlen_q * (H / Hkv), the packed rows;
-    `page_size` is the paged cache's page (0 when K/V are contiguous)."""
+    `page_size` is the paged cache's page (0 when K/V are contiguous); `kv_bytes` K/V's element
+    size (1: an FP8 cache)."""
     if interpret:  # the decode rule for block pointers, so the CPU tests cover both load paths
         return FwdConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, block_ptr=rows <= 64)
     if rows <= 64:  # decode / short speculative steps: memory-bound, small M tile
@@ -63,20 +64,12 @@ def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool, p
             return FwdConfig(block_m, 64, 4, 3, block_ptr=True)
         if page_size >= 64:  # one page per 64-key block (one table lookup); deeper pipeline
             return FwdConfig(block_m, 64, 4, 5, block_ptr=True)
-        return FwdConfig(block_m, 128, 4, 3, block_ptr=True)
+        # An FP8 cache's blocks are half the bytes: two more stages keep as many bytes in flight
+        # (a 256-key block would hold twice the converted tile in registers instead)
+        return FwdConfig(block_m, 128, 4, 3 if kv_bytes > 1 else 5, block_ptr=True)
     if head_dim <= 192 and head_dim_v <= 128:  # sweep v1: 128x64 beat 128x128 at d=128 and d=192
         return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
-
-
-_NUM_SMS = {}
-
-
-def num_sms(device_index: int) -> int:
-    """Multiprocessor count, cached (a plain dict, which torch.compile traces without a warning)."""
-    if device_index not in _NUM_SMS:
-        _NUM_SMS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
-    return _NUM_SMS[device_index]
 
 
 def num_splits_heuristic(num_tiles: int, max_seqlen_k: int, block_n: int, sms: int,

@@ -7,7 +7,7 @@ every K/V load (decode with few query tokens still fills a tile).
 
 Variants, all constexpr: varlen q/k (cu_seqlens), seqused_k, paged K/V (block
 table), K/V address mode (block pointers or pointer tensors), window left/right
-bounds (causal = right bound 0), softcap, and the output epilogue (OUT_KIND).
+bounds (causal = right bound 0), softcap, learnable sinks, and the output epilogue (OUT_KIND).
 Split-KV needs no variant: program_id(2) takes a contiguous share of the key blocks,
 and the host passes a float32 workspace as Out (plain epilogue + LSE) for the
 combine kernel, which quantizes after the merge.
@@ -22,10 +22,8 @@ Scores live in the log2 domain: exp2 with softmax_scale * log2(e) folded in.
 import triton
 import triton.language as tl
 
-from .epilogue import nan_if_inf, store_output
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from ..constants import LN2_C as LN2, LOG2E_C as LOG2E
+from ..epilogue import add_sink, nan_if_inf, store_output
 
 
 @triton.jit
@@ -133,11 +131,11 @@ def _attn_block_range(
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_da, k_off,
                           0, BLOCK_DA, BLOCK_DA + BLOCK_DB, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
-        s = tl.dot(qa, k)
+        s = tl.dot(qa, k.to(qa.dtype))  # (FP8 K: converted in registers)
         if BLOCK_DB > 0:  # head dims like 192 = 128 + 64: a second dot, no padding waste
             k2 = _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_db, k2_off,
                                BLOCK_DA, BLOCK_DB, BLOCK_DA + BLOCK_DB, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
-            s = tl.dot(qb, k2, s)
+            s = tl.dot(qb, k2.to(qa.dtype), s)
         # An infinite score comes from an infinite q or k: NaN, not a key of weight 0 (-inf) or
         # a finite softcap value (SPEC: non-finite inputs give NaN rows). Masked keys' scores
         # are replaced below, so a key a row does not see cannot make it NaN.
@@ -171,22 +169,24 @@ def _attn_block_range(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_v_block(V_base, BT_row, blk, offs_n, seqlen_k, stride_vb, stride_vs, offs_dv, v_off,
-                          DV, BLOCK_DV, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+                          DV, BLOCK_DV, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR).to(qa.dtype)
+        acc = tl.dot(p.to(qa.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "num_splits", "window_left", "window_right"])
 def attn_fwd_kernel(
-    Q, K, V, Out, Lse, OutScale, BlockScale, BlockTable, CuSeqlensQ, CuSeqlensK, SeqUsedK,
+    Q, K, V, Out, Lse, OutScale, BlockScale, BlockTable, CuSeqlensQ, CuSeqlensK, SeqUsedK, Sinks,
+    QDescale, KDescale, VDescale,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_o_split, stride_ob, stride_os, stride_oh,
     stride_l_split, stride_lb, stride_lh, stride_ls,
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
-    stride_bt,
+    stride_bt, stride_sink,
+    stride_qd_b, stride_qd_h, stride_kd_b, stride_kd_h, stride_vd_b, stride_vd_h,
     seqlen_q, seqlen_k, num_heads_kv, num_splits,
     qk_scale, softcap_in, softcap_out, window_left, window_right,
     GROUP: tl.constexpr, DV: tl.constexpr,
@@ -195,7 +195,8 @@ def attn_fwd_kernel(
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PTR: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_Q_DESCALE: tl.constexpr, HAS_K_DESCALE: tl.constexpr,
+    HAS_V_DESCALE: tl.constexpr, STORE_LSE: tl.constexpr,
     OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_MANT: tl.constexpr, ROUND_EMIN: tl.constexpr,
     EMULATE_ROUNDING: tl.constexpr, GROUP_SIZE: tl.constexpr, UE8M0: tl.constexpr,
 ):
@@ -237,11 +238,25 @@ def attn_fwd_kernel(
 
     q_rows = Q + b.to(tl.int64) * stride_qb + (q_start + pos).to(tl.int64) * stride_qs \
         + head.to(tl.int64) * stride_qh
-    qa = tl.load(q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
+    # The dots run in q's 16-bit dtype, or bf16 when q is FP8: FP8 inputs are converted in registers
+    # (their descales fold into the scales below), K/V blocks as they are loaded.
+    COMPUTE: tl.constexpr = tl.bfloat16 if Q.dtype.element_ty == tl.float8e4nv else Q.dtype.element_ty
+    qa = tl.load(q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0).to(COMPUTE)
     if BLOCK_DB > 0:
-        qb = tl.load(q_rows[:, None] + offs_db[None, :], mask=row_ok[:, None], other=0.0)
+        qb = tl.load(q_rows[:, None] + offs_db[None, :], mask=row_ok[:, None], other=0.0).to(COMPUTE)
     else:
         qb = qa
+    # FP8 inputs: the real scores are s * q_descale * k_descale, the real values V * v_descale (one
+    # scalar each for this program's (batch, kv head)): folded into the score scale and into the
+    # final 1 / rowsum
+    if HAS_Q_DESCALE:
+        qk_descale = tl.load(QDescale + b * stride_qd_b + h_kv * stride_qd_h)
+        qk_scale *= qk_descale
+        softcap_in *= qk_descale
+    if HAS_K_DESCALE:
+        qk_descale = tl.load(KDescale + b * stride_kd_b + h_kv * stride_kd_h)
+        qk_scale *= qk_descale
+        softcap_in *= qk_descale
 
     K_base = K + h_kv.to(tl.int64) * stride_kh
     V_base = V + h_kv.to(tl.int64) * stride_vh
@@ -306,8 +321,14 @@ def attn_fwd_kernel(
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf; a NaN row sum (a non-finite
     # input in what the row saw) stays NaN in both ------------------------------------
+    if HAS_SINKS:  # (a split's partials leave the sink to the combine: the host passes it there)
+        sink = tl.load(Sinks + head.to(tl.int64) * stride_sink, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        m_i, l_i, alpha = add_sink(m_i, l_i, sink)
+        acc = acc * alpha[:, None]
     seen = l_i != 0.0
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    if HAS_V_DESCALE:
+        inv_l *= tl.load(VDescale + b * stride_vd_b + h_kv * stride_vd_h)
     tok = (q_start + pos).to(tl.int64)
     o_rows = Out + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob \
         + tok * stride_os + head.to(tl.int64) * stride_oh

@@ -3,7 +3,7 @@ the kernel, or Python? Launches N calls back to back without synchronizing (the 
 absorbs them, so the loop's wall time is the host's), then synchronizes; then a cProfile of
 the Gluon calls. A call whose host time exceeds its GPU time is launch-bound, and do_bench
 then times the host (perf-notes v19).
-Usage: python scripts/host_overhead.py [shape name from attnquant.bench.PREFILL]"""
+Usage: python tools/host_overhead.py [shape name from attnquant.bench.PREFILL]"""
 
 import cProfile
 import io
@@ -14,11 +14,11 @@ import time
 import torch
 
 import attnquant as aq
-from attnquant.bench import PREFILL, _prefill_inputs, bench_graph
+from attnquant.bench import PREFILL, bench_graph, prefill_inputs
 
 name = sys.argv[1] if len(sys.argv) > 1 else "prefill_mla_4k"
 _, b, sq, sk, h, hkv, d, dv, causal = next(s for s in PREFILL if s[0] == name)
-q, k, v = _prefill_inputs(b, sq, sk, h, hkv, d, dv)
+q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, dv)
 scale = torch.tensor(0.02, device="cuda")
 print(f"{name}: host µs per call (n calls launched back to back), GPU µs per call (CUDA-graph replay)")
 for backend in ("gluon", "triton"):

@@ -3,21 +3,23 @@ issues wgmmas, with its instruction count and opcode histogram, or one loop's in
 This is how perf-notes v36-v37 compare kernel versions, and FA4's cubin with ours, without a GPU.
 
     export TRITON_INTERPRET=0 PYTHONPATH=$PWD
-    python3 scripts/sass_loops.py "d=192, group=16"                  # compile_sm90.gluon_variant(d=192, group=16): mla
-    python3 scripts/sass_loops.py "d=192, group=16" --source scratch/fx.py   # the same, another version of the kernel
-    python3 scripts/sass_loops.py "gluon d128 causal"                # a compile_sm90.VARIANTS entry (name contains it)
-    python3 scripts/sass_loops.py kernel.cubin [--list N]            # any sm_90a cubin (or a .sass listing)
+    python3 tools/sass_loops.py "d=192, group=16"                  # compile_sm90.gluon_variant(d=192, group=16): mla
+    python3 tools/sass_loops.py "d=192, group=16" --source scratch/fx.py   # the same, another version of the kernel
+    python3 tools/sass_loops.py "gluon d128 causal"                # a compile_sm90.VARIANTS entry (name contains it)
+    python3 tools/sass_loops.py kernel.cubin [--list N]            # any sm_90a cubin (or a .sass listing)
 
 `--list N` prints loop N's instructions in address order; `--source` compiles attn_fwd_ws_kernel
-from another file (a version kept for an A/B, scripts/ab_kernel.py)."""
+from another file (another version of the kernel's file)."""
 
 import argparse
 import collections
 import importlib.util
+import os
 import re
 import sys
 
-import compile_sm90 as C
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import compile_sm90 as C  # noqa: E402
 
 
 def opcode(ins: str) -> str:

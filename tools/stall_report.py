@@ -1,7 +1,7 @@
 """Where the Gluon kernel's warps wait, from an Nsight Compute source-page CSV
 (`gpu_check.sh --ncu-source` writes one per shape: `ncu -i R --page source --csv --print-source sass`).
 
-    python3 scripts/stall_report.py src_noncausal_mha_8k.csv.gz [top]
+    python3 tools/stall_report.py src_noncausal_mha_8k.csv.gz [top]
 
 Warp-stall samples land on SASS instructions in proportion to the time warps spend there, so:
 1. the samples by execution count: instructions run once per key block (the consumer loops),
