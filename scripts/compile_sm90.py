@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 from attnquant.kernels.combine import combine_kernel
 from attnquant.kernels.hopper.config import staging_fits, ws_config
-from attnquant.kernels.hopper.forward import attn_fwd_ws_kernel
+from attnquant.kernels.hopper.kernel import attn_fwd_ws_kernel
 from attnquant.kernels.portable.config import split_head_dim
 from attnquant.kernels.portable.forward import attn_fwd_kernel
 

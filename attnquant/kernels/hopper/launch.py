@@ -125,7 +125,7 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
            cfg: Optional[WsConfig] = None):
     """Run the Gluon kernel on `p`: with `cfg`, or the config the problem gets (config.schedule),
     one CTA per SM (persistent) or per tile."""
-    from .forward import attn_fwd_ws_kernel
+    from .kernel import attn_fwd_ws_kernel
 
     dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
     sched = schedule(p, cfg or ws_config(p.head_dim, p.head_dim_v), attn.causal, num_sms(dev))
