@@ -140,7 +140,7 @@ VARIANTS = {
     "gluon d128 non-causal, 3 consumers, serial, last wave split, fp8 out": gluon_variant(
         causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False, split_tail=True),
     # the benchmark's per-group and bf16 calls on that path: their epilogue's strides once spilled
-    # the loop (perf-notes v35)
+    # the loop
     "gluon d128 non-causal, 3 consumers, serial, last wave split, group fp8 (G=128)": gluon_variant(
         kind=2, group_size=128, causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False,
         split_tail=True),

@@ -184,7 +184,7 @@ def test_three_consumers(causal, dims, serial):
 
 def test_for_problem_rule():
     """Non-causal batched calls with head dims <= 128 take 3 consumers with serial 128-key blocks
-    where whole-tile waves favor them (the four non-causal shapes measured in perf-notes v26, on
+    where whole-tile waves favor them (the four non-causal shapes measured, on
     132 SMs); causal, varlen, d=192, ping-pong and configs that opt out keep theirs."""
     def pick(b, h, s, causal=False, d=128, varlen=False, **options):
         cfg = replace(hcfg.ws_config(d, 128), **options)

@@ -2,7 +2,7 @@
 the kernel, or Python? Launches N calls back to back without synchronizing (the GPU queue
 absorbs them, so the loop's wall time is the host's), then synchronizes; then a cProfile of
 the Gluon calls. A call whose host time exceeds its GPU time is launch-bound, and do_bench
-then times the host (perf-notes v19).
+then times the host.
 Usage: python tools/host_overhead.py [shape name from attnquant.bench.PREFILL]"""
 
 import cProfile

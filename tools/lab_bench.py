@@ -151,7 +151,7 @@ def format_costs():
 def spread():
     """Run-to-run spread of the Gluon kernel (fp8 out) and cuDNN on each prefill shape: four
     do_bench calls each, interleaved (every call's per-launch quantiles, µs), then CUDA-graph
-    replay medians. On the lent H100 single launches range over +-10-20 % (perf-notes v9)."""
+    replay medians. Single launches range over +-10-20 % on an H100."""
     import numpy as np
 
     print("\nspread (µs per launch: min / p10 / median / p90 / max of one do_bench call)")

@@ -1,6 +1,6 @@
 """The key-block loops of a Hopper attention kernel, read from its SASS: each innermost loop that
 issues wgmmas, with its instruction count and opcode histogram, or one loop's instructions.
-This is how perf-notes v36-v37 compare kernel versions, and FA4's cubin with ours, without a GPU.
+It compares kernel versions, and FA4's cubin with ours, without a GPU.
 
     export TRITON_INTERPRET=0 PYTHONPATH=$PWD
     python3 tools/sass_loops.py "d=192, group=16"                  # compile_sm90.gluon_variant(d=192, group=16): mla

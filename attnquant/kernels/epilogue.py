@@ -135,7 +135,7 @@ def e2m1_code(x):
     offset), which leaves the integer in the low mantissa bits: 4 ops on the FMA pipe and 3
     minimums, where working on the exponent and mantissa bits took ~10 integer/logic ops on
     the half-rate ALU pipe (where ncu counted most of the NVFP4 epilogue's instructions; the
-    change measured within noise, perf-notes v18)."""
+    change measured within noise)."""
     a = tl.abs(x)
     M: tl.constexpr = 12582912.0
     c = tl.minimum(tl.minimum(a * 2.0 + M, a + (M + 2.0)), tl.minimum(a * 0.5 + (M + 4.0), M + 7.0))

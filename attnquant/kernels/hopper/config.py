@@ -20,9 +20,9 @@ SMEM_LIMIT = 227 * 1024 - 8 * 1024
 # the CTAs in flight span about two sections, and H100's L2 is 50 MB.
 L2_SECTION_BYTES = 16 << 20
 # Per query row, the 3-consumer kernel with serial 128-key blocks took this fraction of the
-# default kernel's time on non-causal d=128 shapes whose CTAs get equal shares of whole tiles
-# (perf-notes v26): its 192-row tiles read K/V once per 3 warpgroups, whose GEMMs queue on
-# the tensor cores while the others' softmaxes run.
+# default kernel's time on non-causal d=128 shapes whose CTAs get equal shares of whole tiles:
+# its 192-row tiles read K/V once per 3 warpgroups, whose GEMMs queue on the tensor cores while
+# the others' softmaxes run.
 SERIAL3_ROW_TIME = 0.965
 # The most parts a split tile of the last wave is cut into (tail_split)
 MAX_SPLIT = 8
@@ -46,7 +46,7 @@ class WsConfig:
     # tiles; a tile cut by its sequence's end stores from registers); False: registers always
     tma_store: bool = True
     # FA4's conditional O rescale (forward._softmax_step): the running max moves only by more
-    # than 2^8, and a warp whose rows all kept theirs skips O *= alpha (perf-notes v19: 2-6 %
+    # than 2^8, and a warp whose rows all kept theirs skips O *= alpha (2-6 %
     # faster on the d=128 shapes)
     lazy_rescale: bool = True
     # FA3's intra-warpgroup overlap (QK^T of block j with the softmax of j - 1's PV); False: each
@@ -78,7 +78,7 @@ class WsConfig:
 def ws_config(head_dim: int, head_dim_v: int, block_n: Optional[int] = None, consumers: int = 2) -> WsConfig:
     """128-key blocks (64 past head dim 192, or with 3 consumers; `block_n` overrides, for
     measurements), as many K/V stages as shared memory allows (2-4); no consumer ping-pong
-    (within noise of the free-running warpgroups on the benchmark shapes: perf-notes v11, v24)."""
+    (within noise of the free-running warpgroups on the benchmark shapes)."""
     block_n = block_n or (128 if max(head_dim, head_dim_v) <= 192 and consumers == 2 else 64)
     for stages in (4, 3, 2):
         if _smem_bytes(head_dim, head_dim_v, block_n, stages, block_m=consumers * WG_ROWS) <= SMEM_LIMIT:
@@ -92,7 +92,7 @@ def for_problem(cfg: WsConfig, p, causal: bool, sms: int) -> WsConfig:
     way: a CTA's time is its share of whole tiles, ceil(tiles / SMs) of them, and a 192-row tile
     costs 1.5 x SERIAL3_ROW_TIME of a 128-row one, the last wave cut short where its tiles are
     split (waves). (The waves decide: at B=1, H=32, 8k, 11 waves of 192 rows against 16 of 128
-    read even, perf-notes v26; with the last wave split, 10 1/2 against 16.)"""
+    read even; with the last wave split, 10 1/2 against 16.)"""
     d, dv = p.head_dim, p.head_dim_v
     if (causal or p.varlen or not cfg.auto_consumers or cfg.consumers != 2 or cfg.pingpong
             or max(d, dv) > 128):

@@ -19,15 +19,15 @@ Split tiles (SPLIT_TAIL): each part but the last leaves its (O, max, sum) in a w
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-from triton.language.core import _aggregate as aggregate
 
 from ..constants import WG_ROWS_C as WG_ROWS
 from .epilogue import _nan_max, tile_epilogue
+from .record import record
 from .scheduler import PINGPONG_BARRIER0, named_barrier
 from .softmax import MASK_FROM_N_FULL, rescale_o, softmax_step
 
 
-@aggregate
+@record
 class WgRows:
     """What the softmax needs of one warpgroup's 64 rows of a tile: their query positions, the
     key count, the causal diagonal's offset (seqlen_k - seqlen_q), the first masked block, the
@@ -40,28 +40,14 @@ class WgRows:
     qk_scale: gl.tensor
     s_zero: gl.tensor
 
-    @gluon.constexpr_function
-    def __init__(self, q_pos, seqlen_k, diag, n_full, qk_scale, s_zero):
-        self.q_pos = q_pos
-        self.seqlen_k = seqlen_k
-        self.diag = diag
-        self.n_full = n_full
-        self.qk_scale = qk_scale
-        self.s_zero = s_zero
 
-
-@aggregate
+@record
 class Splits:
     """The split tiles' partial results: a slot of WG_ROWS * (DV + 2) floats per warpgroup and
     part before the last (O's rows, the running maxima, the row sums), and a flag per slot."""
 
     Partials: gl.tensor
     Flags: gl.tensor
-
-    @gluon.constexpr_function
-    def __init__(self, Partials, Flags):
-        self.Partials = Partials
-        self.Flags = Flags
 
     @gluon.jit
     def store(self, acc, m_i, l_i, slot, DV: gl.constexpr):

@@ -12,10 +12,10 @@ import triton.language.core as tlc
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, tma
-from triton.language.core import _aggregate as aggregate
 
 from .. import epilogue as _portable
 from ..constants import LN2_C as LN2, LOG2E_C as LOG2E, WG_ROWS_C as WG_ROWS
+from .record import record
 
 # The portable epilogue's element-wise helpers, compiled as Gluon functions: the saturation,
 # the rounding and the scale arithmetic are shared, not restated.
@@ -32,7 +32,7 @@ _add_sink = gluon.jit(_portable.add_sink.fn)
 NUM_STRIDES = gl.constexpr(16)
 
 
-@aggregate
+@record
 class Outputs:
     """Where the consumers write: the output's TMA descriptor and staging tiles (TMA_STORE), its
     pointer, the LSE, the format's scales, the sinks, and the strides of all of them (output and
@@ -47,17 +47,6 @@ class Outputs:
     BlockScale: gl.tensor
     Sinks: gl.tensor
     strides: (tlc.tuple, gl.shared_memory_descriptor)
-
-    @gluon.constexpr_function
-    def __init__(self, o_desc, o_smem, Out, Lse, OutScale, BlockScale, Sinks, strides):
-        self.o_desc = o_desc
-        self.o_smem = o_smem
-        self.Out = Out
-        self.Lse = Lse
-        self.OutScale = OutScale
-        self.BlockScale = BlockScale
-        self.Sinks = Sinks
-        self.strides = strides
 
 
 @gluon.constexpr_function
@@ -107,7 +96,7 @@ def _strides(outs, STASHED: gl.constexpr):
         return outs.strides
 
 
-@aggregate
+@record
 class RowsOut:
     """Where one warpgroup's 64 rows of a tile go: per row, its output offset, whether it is
     inside the sequence, its block-scale offset (NVFP4: its token index); the tile's head and
@@ -123,18 +112,6 @@ class RowsOut:
     o_smem: gl.shared_memory_descriptor
     o_row: gl.tensor
     o_col: gl.tensor
-
-    @gluon.constexpr_function
-    def __init__(self, out_rows, row_ok, bs_rows, head, stride_bsg, whole, o_smem, o_row, o_col):
-        self.out_rows = out_rows
-        self.row_ok = row_ok
-        self.bs_rows = bs_rows
-        self.head = head
-        self.stride_bsg = stride_bsg
-        self.whole = whole
-        self.o_smem = o_smem
-        self.o_row = o_row
-        self.o_col = o_col
 
 
 @gluon.jit

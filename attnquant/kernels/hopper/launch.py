@@ -195,7 +195,7 @@ _WORKSPACES = {}
 
 # Compiled kernels by launch key. Triton's JIT dispatch (binding ~50 arguments, computing
 # their specialization, looking up its cache) and building six TMA descriptors cost ~150 us
-# of host time per call on the lent H100's host CPU, the whole call ~370 us: more than the
-# GPU time of a 4k-token prefill, so the eager call was launch-bound (perf-notes v20). A call
+# of host time per call, the whole call ~370 us: more than the GPU time of a 4k-token
+# prefill, so the eager call was launch-bound. A call
 # whose key was seen launches the CompiledKernel directly, with cached descriptors.
 _COMPILED = {}

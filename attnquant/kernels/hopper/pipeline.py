@@ -13,12 +13,12 @@ A fresh mbarrier counts as having completed the phase before 0, so the first wai
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-from triton.language.core import _aggregate as aggregate
 
 from ..constants import WG_ROWS_C as WG_ROWS
+from .record import record
 
 
-@aggregate
+@record
 class Loads:
     """The TMA descriptors: Q, K as one or two column tiles (D = DA + DB: 192 = 128 + 64), V."""
 
@@ -28,16 +28,8 @@ class Loads:
     kb: tma.tensor_descriptor
     v: tma.tensor_descriptor
 
-    @gluon.constexpr_function
-    def __init__(self, q, qb, k, kb, v):
-        self.q = q
-        self.qb = qb
-        self.k = k
-        self.kb = kb
-        self.v = v
 
-
-@aggregate
+@record
 class QTiles:
     """One 64-row Q tile per consumer warpgroup (and its DB columns): ready[w] completes when
     warpgroup w's has landed, empty[w] when w has issued its last QK^T of the unit."""
@@ -47,15 +39,8 @@ class QTiles:
     ready: gl.shared_memory_descriptor
     empty: gl.shared_memory_descriptor
 
-    @gluon.constexpr_function
-    def __init__(self, a, b, ready, empty):
-        self.a = a
-        self.b = b
-        self.ready = ready
-        self.empty = empty
 
-
-@aggregate
+@record
 class KVRing:
     """NUM_STAGES slots of a K block (and its DB columns) and a V block, with their ready
     barriers and one release barrier per slot."""
@@ -66,15 +51,6 @@ class KVRing:
     k_ready: gl.shared_memory_descriptor
     v_ready: gl.shared_memory_descriptor
     empty: gl.shared_memory_descriptor
-
-    @gluon.constexpr_function
-    def __init__(self, k, kb, v, k_ready, v_ready, empty):
-        self.k = k
-        self.kb = kb
-        self.v = v
-        self.k_ready = k_ready
-        self.v_ready = v_ready
-        self.empty = empty
 
 
 @gluon.jit

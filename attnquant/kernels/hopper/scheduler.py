@@ -11,7 +11,8 @@ each, over shares of their key blocks (merged by the tile's last part, consumer.
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.language.core import _aggregate as aggregate
+
+from .record import record
 
 # Hardware named barriers (ids Triton's own partition barriers do not use: it takes 0-3 here).
 # The consumers' ping-pong (FA3's warp-scheduler barriers): 2 x 128 threads each.
@@ -35,7 +36,7 @@ def named_barrier(bar_id: gl.constexpr, ARRIVE: gl.constexpr, THREADS: gl.conste
                               dtype=gl.int32, is_pure=False, pack=1)
 
 
-@aggregate
+@record
 class Tile:
     """One work unit's tile: (b, h); its first query token (varlen), the rows of its Q and of its
     KV head's K/V in the 2-D (tokens, heads * dim) TMA views; the sequence lengths; m0, its first
@@ -57,26 +58,8 @@ class Tile:
     parts: gl.tensor
     split_idx: gl.tensor
 
-    @gluon.constexpr_function
-    def __init__(self, b, h, q_tok0, q_row, k_row, seqlen_q, seqlen_k, m0, j_lo, j_hi, n_full, part, parts,
-                 split_idx):
-        self.b = b
-        self.h = h
-        self.q_tok0 = q_tok0
-        self.q_row = q_row
-        self.k_row = k_row
-        self.seqlen_q = seqlen_q
-        self.seqlen_k = seqlen_k
-        self.m0 = m0
-        self.j_lo = j_lo
-        self.j_hi = j_hi
-        self.n_full = n_full
-        self.part = part
-        self.parts = parts
-        self.split_idx = split_idx
 
-
-@aggregate
+@record
 class Schedule:
     """This CTA's view of the grid's work: its program id, the CTA count, the units (tiles, and
     the split tiles' extra parts), the tile space (query tiles x batch*heads), the L2 section,
@@ -95,23 +78,6 @@ class Schedule:
     seqlen_k: gl.tensor
     CuSeqlensQ: gl.tensor
     CuSeqlensK: gl.tensor
-
-    @gluon.constexpr_function
-    def __init__(self, pid, nprog, num_units, num_m, num_bh, section, split_from, split_parts, num_heads, seqlen_q,
-                 seqlen_k, CuSeqlensQ, CuSeqlensK):
-        self.pid = pid
-        self.nprog = nprog
-        self.num_units = num_units
-        self.num_m = num_m
-        self.num_bh = num_bh
-        self.section = section
-        self.split_from = split_from
-        self.split_parts = split_parts
-        self.num_heads = num_heads
-        self.seqlen_q = seqlen_q
-        self.seqlen_k = seqlen_k
-        self.CuSeqlensQ = CuSeqlensQ
-        self.CuSeqlensK = CuSeqlensK
 
     @gluon.jit
     def tile(self, unit, cfg):
@@ -208,15 +174,11 @@ def _tile_extent(pid_m, bh, num_heads, seqlen_q, seqlen_k, CuSeqlensQ, CuSeqlens
 # with unit i - 1's QK^T, after they have read its id anyway.
 
 
-@aggregate
+@record
 class TileIds:
     """The shared slot the producer hands unit ids through (>= num_units: stop)."""
 
     slot: gl.shared_memory_descriptor
-
-    @gluon.constexpr_function
-    def __init__(self, slot):
-        self.slot = slot
 
     @gluon.jit
     def publish(self, unit, i, NUM_CONSUMERS: gl.constexpr):
