@@ -7,6 +7,7 @@
 #   (default)        Gluon smoke run (a hang shows in seconds), the GPU test suite, the benchmark
 #   --tests-only     no benchmark          --bench-only   no tests (both: only what is asked below)
 #   --fuzz           the property-based fuzz test with its GPU profile (many more examples)
+#   --no-smoke       skip the Gluon smoke run (a call right after one that ran it)
 #   --sanitize       scripts/sanitize_cases.py under compute-sanitizer memcheck, racecheck and
 #                    synccheck: each tool's summary line (logs: $OUT/sanitize_TOOL.log)
 #   --ab BASE        tools/ab_versions.py BASE: the working tree against another version,
@@ -19,13 +20,14 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/attnquant-out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-TESTS=1 BENCH=1 FUZZ=0 SANITIZE=0 NCU_SOURCE=0 AB_BASE="" FA4_BUNDLE=""
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+TESTS=1 BENCH=1 FUZZ=0 SANITIZE=0 SMOKE=1 NCU_SOURCE=0 AB_BASE="" FA4_BUNDLE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) BENCH=0; shift ;;
     --bench-only) TESTS=0; shift ;;
     --fuzz) FUZZ=1; shift ;;
+    --no-smoke) SMOKE=0; shift ;;
     --sanitize) SANITIZE=1; shift ;;
     --ab) AB_BASE=$2; shift 2 ;;
     --ncu-source) NCU_SOURCE=1; shift ;;
@@ -41,10 +43,12 @@ if [ -n "$FA4_BUNDLE" ]; then
   python3 -c "import flash_attn.cute.interface, cutlass; print('FA4 importable, CuTe DSL', cutlass.__version__)" 2>&1 \
     | tail -n 3 | tee -a "$OUT/gpu.txt"
 fi
-if ! timeout 240 python3 scripts/gluon_smoke.py > "$OUT/smoke.log" 2>&1; then
-  echo "gluon smoke run failed or hung:"; tail -n 5 "$OUT/smoke.log"; exit 1
+if [ $SMOKE = 1 ]; then
+  if ! timeout 240 python3 scripts/gluon_smoke.py > "$OUT/smoke.log" 2>&1; then
+    echo "gluon smoke run failed or hung:"; tail -n 5 "$OUT/smoke.log"; exit 1
+  fi
+  tail -n 3 "$OUT/smoke.log"
 fi
-tail -n 3 "$OUT/smoke.log"
 if [ $SANITIZE = 1 ]; then
   for tool in memcheck racecheck synccheck; do
     timeout ${SANITIZE_TIMEOUT:-240} compute-sanitizer --tool $tool --print-limit 20 \
