@@ -215,7 +215,8 @@ def decode_table():
         cell = lambda us: f"{us:6.1f} ({nbytes / us * 1e-6:4.2f})"  # noqa: E731
         sdpa, backend = _sdpa(q, kc, vc, False) if lens is None else (None, "-")
         t_sdpa = bench_graph(sdpa) if sdpa else float("nan")
-        t_sdpa_q = bench_graph(lambda: quant(sdpa(), torch.tensor(0.02, device="cuda"))) if sdpa else float("nan")
+        scale = torch.tensor(0.02, device="cuda")
+        t_sdpa_q = bench_graph(lambda: quant(sdpa(), scale)) if sdpa else float("nan")
         print(f"{name:<26} {cell(t[0])} {cell(t[1])} {t[0] / t[1]:8.2f} {t[2]:12.1f} {t[3]:11.1f} {t[3] / t[1]:16.3f} "
               f"{t_sdpa:9.1f} {t_sdpa_q:7.1f} {t_sdpa / t[0]:14.3f}", flush=True)
         del calls, paged_calls, q, kc, vc

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attnquant as aq  # noqa: E402
 from attnquant import quant  # noqa: E402
-from attnquant.kernels.hopper import launch as hopper  # noqa: E402
+from attnquant.kernels.hopper.config import ws_config  # noqa: E402
 from attnquant.reference import attention_ref_batched, attention_ref_kvcache, attention_ref_varlen  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU: Triton's interpreter, portable paths only)
@@ -73,18 +73,18 @@ def check(name, out, kw, ref):
         failures.append(name)
 
 
-def prefill(name, b, sq, sk, h, hkv, d, dv, causal, backend, fmts=("bf16", "fp8", "group", "nvfp4")):
+def prefill(name, b, sq, sk, h, hkv, d, dv, causal, backend, fmts=("bf16", "fp8", "group", "nvfp4"), config=None):
     q, k, v = randn(b, sq, h, d), randn(b, sk, hkv, d), randn(b, sk, hkv, dv)
     ref, _ = attention_ref_batched(q, k, v, causal=causal)
     for fmt, kw in formats(ref).items():
         if fmt in fmts:
-            out, _ = aq.flash_attn_func(q, k, v, causal=causal, backend=backend, **kw)
+            out, _ = aq.flash_attn_func(q, k, v, causal=causal, backend=backend, _config=config, **kw)
             check(f"{name} {fmt}", out, kw, ref)
 
 
 def three_consumers(d, dv):
     """The 3-consumer, serial 128-key-block config the launcher picks for large non-causal calls."""
-    return replace(hopper._ws_config(d, dv, 128, consumers=3), intra_overlap=False, auto_consumers=False)
+    return replace(ws_config(d, dv, 128, consumers=3), intra_overlap=False, auto_consumers=False)
 
 
 def main():
@@ -93,12 +93,8 @@ def main():
         prefill("gluon causal d128 gqa", 1, 200, 200, 4, 2, 128, 128, True, "gluon")
         prefill("gluon non-causal d64 (last wave split)", 2, 130, 300, 2, 1, 64, 64, False, "gluon")
         prefill("gluon causal d192-128 mqa", 1, 150, 150, 4, 1, 192, 128, True, "gluon", ("fp8", "group", "nvfp4"))
-        base = hopper.ws_config
-        hopper.ws_config = lambda d, dv: three_consumers(d, dv)
-        try:
-            prefill("gluon non-causal d128, 3 consumers (split)", 1, 200, 260, 2, 2, 128, 128, False, "gluon")
-        finally:
-            hopper.ws_config = base
+        prefill("gluon non-causal d128, 3 consumers (split)", 1, 200, 260, 2, 2, 128, 128, False, "gluon",
+                config=three_consumers(128, 128))
         lens_q, lens_k = [70, 0, 130], [90, 5, 130]
         cq = torch.tensor([0, 70, 70, 200], dtype=torch.int32, device=DEV)
         ck = torch.tensor([0, 90, 95, 225], dtype=torch.int32, device=DEV)
