@@ -55,12 +55,18 @@ def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
     LAZY_RESCALE (FA4's conditional rescale): m moves only when the block's maximum passes it
     by more than RESCALE_LOG2, so p <= 2^RESCALE_LOG2 (exact enough in 16 bits, no overflow in
     fp32) and alpha is exactly 1 on most blocks, whose O rescale is then skipped (rescale_o)."""
-    # An infinite score (an infinite q or k) must give NaN, not a key of weight 0 (SPEC): where a
-    # mask may follow, s itself is checked first (the mask then replaces what a row does not
-    # see); unmasked blocks check p instead (below), which keeps ptxas's register allocation.
+    # A NaN or +inf score makes its row NaN through the max and exp2 at no cost. A -inf one (an
+    # infinite q or k element) would silently drop its key, so the check below turns it into NaN
+    # (where a mask may follow, s itself is checked first: the mask then replaces what a row does
+    # not see; unmasked blocks check p). Only the serial path checks: in the overlapped loop the
+    # check (one FMA a score) made the key-block loop 64 instructions longer and the causal
+    # shapes 8-13 % slower, while without it ptxas spills in the serial wave-split variants
+    # (docs/spec.md, "Known limits": the Gluon kernel does not promise NaN for -inf scores).
+    CHECK: gl.constexpr = not cfg.INTRA_OVERLAP
     qk_scale = rows.qk_scale
     if MASKED == MASK_FROM_N_FULL:
-        s = _nan_if_inf(s)
+        if CHECK:
+            s = _nan_if_inf(s)
         # The row max of the unmasked scores first, recomputed in the masked branch: with the
         # branch ahead of it, ptxas moves the PV wait above the max tree.
         m_raw = row_max(s)
@@ -69,7 +75,9 @@ def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
             m_raw = row_max(s)
     else:
         if MASKED:
-            s = mask_scores(_nan_if_inf(s), j, rows, cfg)
+            if CHECK:
+                s = _nan_if_inf(s)
+            s = mask_scores(s, j, rows, cfg)
         m_raw = row_max(s)
     m_blk = m_raw * qk_scale
     if cfg.LAZY_RESCALE:
@@ -78,7 +86,7 @@ def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
         m_new = gl.maximum(m_i, m_blk)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(s * qk_scale - m_use[:, None])
-    if not MASKED:
+    if CHECK and not MASKED:
         p = gl.fma(s, 0.0, p)  # NaN where s is +-inf or NaN, p elsewhere
     alpha = gl.exp2(m_i - m_use)
     l_new = l_i * alpha + gl.sum(p, 1)
