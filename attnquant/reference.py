@@ -129,3 +129,20 @@ def attention_ref_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None, 
         outs.append(o)
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
+
+
+def merge_ref(o1, l1, o2, l2, eager_dtype=None):
+    """The float64 merge of two partial attentions (o: (T, H, Dv), lse: (H, T)) by their LSEs
+    (+inf counts as -inf; a row neither part saw gives 0 and -inf), or, with eager_dtype,
+    float32 math rounded to it like an eager merge."""
+    work = torch.float64 if eager_dtype is None else torch.float32
+    l1, l2 = (torch.where(x == float("inf"), float("-inf"), x).to(work).t()[..., None] for x in (l1, l2))
+    m = torch.maximum(l1, l2)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    den = w1 + w2
+    o = (w1 * o1.to(work) + w2 * o2.to(work)) / torch.where(den == 0, torch.ones_like(den), den)
+    lse = torch.where(den == 0, torch.full_like(den, float("-inf")), m + torch.log(den))[..., 0].t()
+    if eager_dtype is not None:
+        o = o.to(eager_dtype)
+    return o.double(), lse.double()

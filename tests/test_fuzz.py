@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import attnquant as aq
 from attnquant import quant
-from attnquant.reference import attention_ref_batched, attention_ref_kvcache, attention_ref_varlen
+from attnquant.reference import attention_ref_batched, attention_ref_kvcache, attention_ref_varlen, merge_ref
 
 from .helpers import (DEVICE, GLUON, ON_GPU, check_lse, check_nvfp4_scales, check_output, format_kwargs, group_format,
                       logical_block_scale, nvfp4_format)
@@ -322,6 +322,18 @@ def call_or_gluon_refusal(fn, *args, **kw):
         return None
 
 
+def call_and_check(fn, args, call_kw, common, ref_o, ref_lse, eager_o, softcap=0.0, backend=None):
+    """fn(*args, **call_kw) in the drawn output format (and out= mode, LSE request, backend),
+    checked against the oracle's (ref_o, ref_lse, eager_o) with check_call."""
+    fmt = build_format(common["spec"], ref_o)
+    kw, out, wide = call_kwargs(fmt, common["out_mode"], ref_o.shape)
+    if backend is not None:
+        kw["backend"] = backend
+    got = call_or_gluon_refusal(fn, *args, return_lse=common["return_lse"], **call_kw, **kw)
+    if got is not None:
+        check_call(*got, out, wide, fmt, ref_o, ref_lse, eager_o, softcap, common["return_lse"])
+
+
 # ----------------------------------------------------------------------------------
 # The tests
 # ----------------------------------------------------------------------------------
@@ -356,14 +368,8 @@ def test_fuzz_flash_attn_func(data):
     opts["sinks"] = make_sinks(gen, h, sinks_spec)
     ref_o, ref_lse = attention_ref_batched(q, k, v, **opts)
     eager_o, _ = attention_ref_batched(q, k, v, eager_dtype=dtype, **opts)
-    fmt = build_format(common["spec"], ref_o)
-    kw, out, wide = call_kwargs(fmt, common["out_mode"], ref_o.shape)
-    if backend is not None:
-        kw["backend"] = backend
-    got = call_or_gluon_refusal(aq.flash_attn_func, q, k, v, num_splits=num_splits,
-                                return_lse=common["return_lse"], **opts, **kw)
-    if got is not None:
-        check_call(*got, out, wide, fmt, ref_o, ref_lse, eager_o, opts["softcap"], common["return_lse"])
+    call_and_check(aq.flash_attn_func, (q, k, v), dict(num_splits=num_splits, **opts), common,
+                   ref_o, ref_lse, eager_o, opts["softcap"], backend)
 
 
 @fuzz(1.25)
@@ -421,15 +427,9 @@ def test_fuzz_flash_attn_varlen_func(data):
         capacity = width * page
     max_q = min(max(lens_q, default=0) + extra[0], tq)
     max_k = min(max(lens_k, default=0) + extra[1], capacity)
-    fmt = build_format(common["spec"], ref_o)
-    kw, out, wide = call_kwargs(fmt, common["out_mode"], ref_o.shape)
-    if backend is not None:
-        kw["backend"] = backend
-    got = call_or_gluon_refusal(aq.flash_attn_varlen_func, q, k, v, cq, ck if pass_cu_k else None, max_q,
-                                max_k, seqused_k=used_t, block_table=block_table, num_splits=num_splits,
-                                return_lse=common["return_lse"], **opts, **kw)
-    if got is not None:
-        check_call(*got, out, wide, fmt, ref_o, ref_lse, eager_o, opts["softcap"], common["return_lse"])
+    call_and_check(aq.flash_attn_varlen_func, (q, k, v, cq, ck if pass_cu_k else None, max_q, max_k),
+                   dict(seqused_k=used_t, block_table=block_table, num_splits=num_splits, **opts), common,
+                   ref_o, ref_lse, eager_o, opts["softcap"], backend)
 
 
 @fuzz(2.5)
@@ -477,30 +477,11 @@ def test_fuzz_flash_attn_with_kvcache(data):
         seqs = [[c[i, :n] for i, n in enumerate(lens)] for c in (kc, vc)]
         (kp, vp), block_table = to_pages(seqs, [(hkv, d), (hkv, dv)], dtype, page, spare[0], width, poison, gen)
         k, v = place(kp, lay[1], poison, gen), place(vp, lay[2], poison, gen)
-    fmt = build_format(common["spec"], ref_o)
-    kw, out, wide = call_kwargs(fmt, common["out_mode"], ref_o.shape)
-    call_opts = dict(opts)
+    call_opts = dict(opts, block_table=block_table, num_splits=num_splits)
     if call_opts["causal"]:
         del call_opts["causal"]  # (the default)
-    res, lse = aq.flash_attn_with_kvcache(q, k, v, lens[0] if as_int else lens_t, block_table=block_table,
-                                         num_splits=num_splits, return_lse=common["return_lse"], **call_opts, **kw)
-    check_call(res, lse, out, wide, fmt, ref_o, ref_lse, eager_o, opts["softcap"], common["return_lse"])
-
-
-def merge_ref(o1, l1, o2, l2, eager_dtype=None):
-    """The float64 merge of two partials by their LSEs (+inf counts as -inf; a row neither part
-    saw gives 0 and -inf), or, with eager_dtype, float32 math rounded to it like an eager merge."""
-    work = torch.float64 if eager_dtype is None else torch.float32
-    l1, l2 = (torch.where(x == float("inf"), float("-inf"), x).to(work).t()[..., None] for x in (l1, l2))
-    m = torch.maximum(l1, l2)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    den = w1 + w2
-    o = (w1 * o1.to(work) + w2 * o2.to(work)) / torch.where(den == 0, torch.ones_like(den), den)
-    lse = torch.where(den == 0, torch.full_like(den, float("-inf")), m + torch.log(den))[..., 0].t()
-    if eager_dtype is not None:
-        o = o.to(eager_dtype)
-    return o.double(), lse.double()
+    call_and_check(aq.flash_attn_with_kvcache, (q, k, v, lens[0] if as_int else lens_t), call_opts, common,
+                   ref_o, ref_lse, eager_o, opts["softcap"])
 
 
 @fuzz(5)
@@ -540,10 +521,7 @@ def test_fuzz_merge_attn_states(data):
     l1, l2 = lses
     ref_o, ref_lse = merge_ref(o1, l1, o2, l2)
     eager_o, _ = merge_ref(o1, l1, o2, l2, eager_dtype=dtype)
-    fmt = build_format(common["spec"], ref_o)
-    kw, out, wide = call_kwargs(fmt, common["out_mode"], ref_o.shape)
-    res, lse = aq.merge_attn_states(o1, l1, o2, l2, return_lse=common["return_lse"], **kw)
-    check_call(res, lse, out, wide, fmt, ref_o, ref_lse, eager_o, 0.0, common["return_lse"])
+    call_and_check(aq.merge_attn_states, (o1, l1, o2, l2), {}, common, ref_o, ref_lse, eager_o)
 
 
 # GPU profile: ATTNQUANT_FUZZ_PROFILE=gpu python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics

@@ -4,26 +4,11 @@ import pytest
 import torch
 
 import attnquant as aq
-from attnquant.reference import attention_ref_varlen
+from attnquant.reference import attention_ref_varlen, merge_ref
 
 from .helpers import DEVICE, DTYPES, FP8, ON_GPU, check_lse, check_output, format_kwargs, make_format, randn
 
 T, H, DV = (300, 8, 128) if ON_GPU else (37, 4, 64)
-
-
-def merge_ref(o1, l1, o2, l2, eager_dtype=None):
-    """Float64 merge (or float32 rounded to eager_dtype, like an eager implementation)."""
-    work = torch.float32 if eager_dtype is not None else torch.float64
-    l1, l2 = (torch.where(x == float("inf"), float("-inf"), x).to(work).t()[..., None] for x in (l1, l2))
-    m = torch.maximum(l1, l2)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    den = w1 + w2
-    o = (w1 * o1.to(work) + w2 * o2.to(work)) / torch.where(den == 0, torch.ones_like(den), den)
-    lse = torch.where(den == 0, torch.full_like(den, float("-inf")), m + torch.log(den))[..., 0].t()
-    if eager_dtype is not None:
-        o = o.to(eager_dtype)
-    return o.double(), lse.double()
 
 
 def partials(dtype):
