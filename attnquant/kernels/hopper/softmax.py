@@ -10,9 +10,7 @@ and a warp whose rows all kept theirs skips O's rescale.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from .. import epilogue as _portable
-
-_nan_if_inf = gluon.jit(_portable.nan_if_inf.fn)
+from .epilogue import _nan_if_inf
 
 # LAZY_RESCALE: the running max moves only when a block's passes it by more than this (log2
 # units: P <= 256), FA4's threshold
