@@ -9,14 +9,16 @@
 #   --fuzz           the property-based fuzz test with its GPU profile (many more examples)
 #   --no-smoke       skip the Gluon smoke run (a call right after one that ran it)
 #   --sanitize       scripts/sanitize_cases.py under compute-sanitizer memcheck, racecheck and
-#                    synccheck: each tool's summary line (logs: $OUT/sanitize_TOOL.log)
+#                    synccheck: each tool's summary line (logs: $OUT/sanitize_TOOL.log); and
+#                    racecheck of tools/ws_race_probe.py (what Triton's warp_specialize alone reports)
 #   --ab BASE        tools/ab_versions.py BASE: the working tree against another version,
 #                    interleaved (AB_ARGS: its options, e.g. "--formats fp8,nvfp4 --decode")
 #   --ncu-source     per-SASS-instruction stall samples of the Gluon kernel on $NCU_SHAPES (CSV;
 #                    read them with tools/stall_report.py; NAME@fa4 profiles FA4 on that shape)
 #   --fa4 BUNDLE     first unpack FA4 (flash_attn.cute and the CuTe DSL, a site-packages tarball for
 #                    the device's Python; docs/design.md "Measuring") so the benchmark times it
-# The whole default run is past the device tool's 600 s a call: split it with the options.
+# The whole default run is past the device tool's 600 s a call: split it with the options, or
+# run part of the suite: PYTEST_PATHS (default: tests), PYTEST_WORKERS (default: 8).
 set -uo pipefail
 OUT=${OUT:-/tmp/attnquant-out}
 mkdir -p "$OUT"
@@ -56,9 +58,12 @@ if [ $SANITIZE = 1 ]; then
     echo "compute-sanitizer $tool: exit $?"
     grep -E "SUMMARY|off:|all calls ran" "$OUT/sanitize_$tool.log" | tail -n 3
   done
+  timeout 120 compute-sanitizer --tool racecheck python3 tools/ws_race_probe.py > "$OUT/sanitize_ws_probe.log" 2>&1
+  echo "racecheck of a bare warp_specialize kernel (tools/ws_race_probe.py): exit $?"
+  grep -E "SUMMARY|ws_race_probe ran" "$OUT/sanitize_ws_probe.log" | tail -n 2
 fi
 if [ $TESTS = 1 ]; then
-  timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -q -n 8 -p no:cacheprovider tests "$@" > "$OUT/pytest.log" 2>&1
+  timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} -p no:cacheprovider ${PYTEST_PATHS:-tests} "$@" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20; tail -n 2 "$OUT/pytest.log"
 fi
 if [ $FUZZ = 1 ]; then

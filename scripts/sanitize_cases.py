@@ -125,6 +125,26 @@ def main():
         kw = formats(ref)["fp8"]
         out, _ = aq.flash_attn_with_kvcache(q, kp, vp, seqlens, block_table=table, **kw)
         check(f"decode paged page {page} fp8", out, kw, ref)
+    # FP8 (e4m3) K/V cache with per-(batch, KV head) descales, split-KV
+    kq, kd = quant.quantize_kv_fp8(kc)
+    vq, vd = quant.quantize_kv_fp8(vc)
+    ref8, _ = attention_ref_kvcache(q, quant.dequantize_kv_fp8(kq, kd), quant.dequantize_kv_fp8(vq, vd), seqlens)
+    kw = formats(ref8)["fp8"]
+    out, _ = aq.flash_attn_with_kvcache(q, kq, vq, seqlens, num_splits=4, k_descale=kd, v_descale=vd, **kw)
+    check("decode fp8 KV cache split-KV fp8", out, kw, ref8)
+    # learnable sinks: decode with split-KV (counted once, in the combine) and, on sm_90, Gluon prefill
+    sinks = torch.randn(h, device=DEV)
+    ref, _ = attention_ref_kvcache(q, kc, vc, seqlens, sinks=sinks)
+    kw = formats(ref)["fp8"]
+    out, _ = aq.flash_attn_with_kvcache(q, kc, vc, seqlens, num_splits=4, sinks=sinks, **kw)
+    check("decode sinks split-KV fp8", out, kw, ref)
+    if DEV == "cuda" and torch.cuda.get_device_capability() == (9, 0):
+        qs, ks, vs = randn(1, 200, 4, 64), randn(1, 200, 2, 64), randn(1, 200, 2, 64)
+        sinks = torch.randn(4, device=DEV)
+        ref, _ = attention_ref_batched(qs, ks, vs, causal=True, sinks=sinks)
+        kw = formats(ref)["fp8"]
+        out, _ = aq.flash_attn_func(qs, ks, vs, causal=True, sinks=sinks, backend="gluon", **kw)
+        check("gluon sinks causal d64 fp8", out, kw, ref)
     t, dv = 50, 128
     pre, suf = randn(t, h, dv), randn(t, h, dv)
     lp, ls = torch.randn(h, t, device=DEV), torch.randn(h, t, device=DEV)
