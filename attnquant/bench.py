@@ -10,6 +10,13 @@
   contiguous and paged (page 16), and cuDNN SDPA bf16 + quantization. µs and TB/s of K+V read.
 - sinks: a gpt-oss layer (64 query / 8 KV heads, d 64; full and 128-token sliding window) with
   and without learnable sinks, fused FP8 out.
+- block (--block): attention + output projection (attnquant.blocks) per layer: fused FP8 ->
+  FP8 GEMM (static; per-token-group 1x128 with 128x128 weight blocks where Dv allows), ours
+  bf16 -> separate quantization -> FP8 GEMM, FA4 bf16 -> the same, cuDNN SDPA bf16 -> bf16
+  GEMM; and what the fused path saves per 60-layer model step.
+- sweep (--sweep): TFLOP/s against sequence length (16k tokens a call, causal) for ours
+  (fused FP8), FA4 and cuDNN at d 64, 128, 192-128 and 256.
+--json PATH writes every table's numbers; --plots DIR draws them (attnquant.plots, matplotlib).
 Times are medians of triton.testing.do_bench. The lab's measurements (sweeps, config A/Bs,
 spread, power) are tools/lab_bench.py; A/B of two versions: tools/ab_versions.py.
 """
@@ -17,6 +24,7 @@ spread, power) are tools/lab_bench.py; A/B of two versions: tools/ab_versions.py
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -46,6 +54,18 @@ RAGGED_DECODE = ("decode_64seq_ragged_16k", 64, 16384, 32, 8, 128)
 GPT_OSS = ("gpt-oss", 1, 4096, 64, 8, 64)  # name, B, S, H, Hkv, D
 FORMATS = ("bf16", "fp8", "group", "nvfp4")
 FP8 = torch.float8_e4m3fn
+# attention + o_proj: name, B, Sq (1: decode against an Sk cache), Sk, H, Hkv, D, Dv, causal, N (hidden size)
+BLOCK = [
+    ("prefill_mla_4k", 2, 4096, 4096, 16, 1, 192, 128, True, 7168),
+    ("prefill_gqa_8k", 2, 8192, 8192, 32, 4, 128, 128, True, 4096),
+    ("decode_gqa_8k", 16, 1, 8192, 16, 1, 128, 128, False, 7168),
+    ("gpt-oss_4k", 1, 4096, 4096, 64, 8, 64, 64, True, 2880),
+]
+SWEEP_DIMS = [(64, 64, 16, 16), (128, 128, 16, 16), (192, 128, 16, 1), (256, 256, 16, 16)]  # D, Dv, H, Hkv
+SWEEP_LENS = [1024, 2048, 4096, 8192, 16384]
+SWEEP_TOKENS = 16384
+LAYERS = 60
+RESULTS: dict = {}  # every table's numbers, for --json and the plots
 
 
 def bench(fn) -> float:
@@ -237,22 +257,110 @@ def sinks_table():
         print(f"  {label:<12} no sinks {t[0]:8.1f}   sinks {t[1]:8.1f}   cost {t[1] / t[0] - 1:+7.2%}", flush=True)
 
 
+def block_table():
+    """Attention + output projection per layer, every way a user could build it (module docstring)."""
+    from . import blocks
+
+    quant = _quant_fn()
+    print(f"\nattention + o_proj per layer (µs; the fused path's saving per {LAYERS}-layer step, ms)")
+    print(f"{'shape':<16} {'fused fp8':>9} {'fused grp':>9} {'ours+q':>8} {'FA4+q':>8} {'SDPA bf16':>9} "
+          f"{'vs ours+q':>9} {'vs FA4+q':>9} {'vs SDPA':>8}")
+    rows = RESULTS.setdefault("block", {})
+    for name, b, sq, sk, h, hkv, d, dv, causal, n in BLOCK:
+        q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, dv)
+        w = torch.randn(n, h * dv, device="cuda") * (h * dv) ** -0.5
+        wt, wb = blocks.quantize_weight_fp8(w), blocks.quantize_weight_fp8(w, block=True)
+        w16 = w.to(torch.bfloat16)
+        scale = torch.tensor(0.02, device="cuda")
+        decode = sq == 1
+        if decode:  # q against a full cache: the decode kernel (split-KV), as serving runs it
+            lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
+            attend = lambda **kw: aq.flash_attn_with_kvcache(q, k, v, lens, **kw)[0]  # noqa: E731
+        else:
+            attend = lambda **kw: aq.flash_attn_func(q, k, v, causal=causal, **kw)[0]  # noqa: E731
+        fns = {"fused fp8": lambda: blocks.oproj_fp8(attend(output_scale=scale), wt, scale),
+               "ours+q": lambda: blocks.oproj_fp8(quant(attend(), scale), wt, scale)}
+        if dv % blocks.GEMM_BLOCK == 0:
+            gs = blocks.group_scale_buffer(b * sq, h, dv, "cuda").view(b, sq, -1)
+            fns["fused grp"] = lambda: blocks.oproj_fp8(attend(out_dtype=FP8, output_block_scale=gs), wb, gs)
+        peer = fa4(q, k, v, causal)
+        if peer:
+            first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731 - (FA4 returns (out, lse))
+            fns["FA4+q"] = lambda: blocks.oproj_fp8(quant(first(peer()), scale), wt, scale)
+        sdpa, _ = _sdpa(q, k, v, causal)
+        if sdpa:
+            fns["SDPA bf16"] = lambda: sdpa().transpose(1, 2).flatten(-2) @ w16.t()
+        try:
+            t = dict(zip(fns, interleaved(list(fns.values()), graph=decode)))
+        except Exception as e:  # noqa: BLE001 - one row's failure (a peer under graph capture) is reported, not fatal
+            print(f"{name:<16} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        rows[name] = t
+        get = lambda key: t.get(key, float("nan"))  # noqa: E731
+        save = lambda key: (get(key) - get("fused fp8")) * LAYERS * 1e-3  # noqa: E731
+        print(f"{name:<16} {get('fused fp8'):9.1f} {get('fused grp'):9.1f} {get('ours+q'):8.1f} {get('FA4+q'):8.1f} "
+              f"{get('SDPA bf16'):9.1f} {save('ours+q'):9.2f} {save('FA4+q'):9.2f} {save('SDPA bf16'):8.2f}",
+              flush=True)
+        torch.cuda.empty_cache()
+
+
+def sweep_table():
+    """TFLOP/s against sequence length: ours (fused FP8), FA4 bf16, cuDNN SDPA bf16."""
+    quant_scale = torch.tensor(0.02, device="cuda")
+    print(f"\nsweep (TFLOP/s, causal, {SWEEP_TOKENS} tokens a call): ours fused FP8 / FA4 bf16 / SDPA bf16")
+    rows = RESULTS.setdefault("sweep", {})
+    for d, dv, h, hkv in SWEEP_DIMS:
+        key = f"d{d}" if d == dv else f"d{d}-{dv}"
+        series = rows.setdefault(key, {"seqlen": [], "ours fp8": [], "FA4 bf16": [], "SDPA bf16": []})
+        for s in SWEEP_LENS:
+            b = max(1, SWEEP_TOKENS // s)
+            q, k, v = prefill_inputs(b, s, s, h, hkv, d, dv)
+            flops = 2 * b * h * s * s * (d + dv) / 2
+            fns = [lambda: aq.flash_attn_func(q, k, v, causal=True, output_scale=quant_scale)]
+            peer = fa4(q, k, v, True)
+            sdpa, _ = _sdpa(q, k, v, True)
+            fns += [f for f in (peer, sdpa) if f]
+            t = iter(interleaved(fns))
+            tf = [flops / next(t) * 1e-6] + [flops / next(t) * 1e-6 if f else float("nan") for f in (peer, sdpa)]
+            series["seqlen"].append(s)
+            for label, x in zip(("ours fp8", "FA4 bf16", "SDPA bf16"), tf):
+                series[label].append(x)
+            print(f"  {key:<9} B{b:<3} S{s:<6} " + "  ".join(f"{lab} {x:5.0f}" for lab, x in
+                                                        zip(("ours fp8", "FA4 bf16", "SDPA bf16"), tf)), flush=True)
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefill", action="store_true")
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--sinks", action="store_true")
+    ap.add_argument("--block", action="store_true", help="attention + o_proj (not in the default run)")
+    ap.add_argument("--sweep", action="store_true", help="TFLOP/s against sequence length (not in the default run)")
+    ap.add_argument("--json", metavar="PATH", help="write every table's numbers here")
+    ap.add_argument("--plots", metavar="DIR", help="draw the sweep and block tables as PNGs (needs matplotlib)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    every = not (args.prefill or args.decode or args.sinks)
+    every = not (args.prefill or args.decode or args.sinks or args.block or args.sweep)
+    RESULTS["device"] = torch.cuda.get_device_name()
     if every or args.prefill:
         prefill_table()
     if every or args.decode:
         decode_table()
     if every or args.sinks:
         sinks_table()
+    if args.block:
+        block_table()
+    if args.sweep:
+        sweep_table()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    if args.plots:
+        from . import plots
+        print("plots:", ", ".join(plots.draw(RESULTS, args.plots)))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@
 #   --fa4 BUNDLE     first unpack FA4 (flash_attn.cute and the CuTe DSL, a site-packages tarball for
 #                    the device's Python; docs/design.md "Measuring") so the benchmark times it
 # The whole default run is past the device tool's 600 s a call: split it with the options, or
-# run part of the suite: PYTEST_PATHS (default: tests), PYTEST_WORKERS (default: 8).
+# run part of the suite: PYTEST_PATHS (default: tests), PYTEST_WORKERS (default: 8). BENCH_ARGS:
+# the benchmark's options (default: its three main tables).
 set -uo pipefail
 OUT=${OUT:-/tmp/attnquant-out}
 mkdir -p "$OUT"
@@ -72,7 +73,7 @@ if [ $FUZZ = 1 ]; then
   echo "fuzz exit $?"; grep -E "passing examples|^(FAILED|ERROR)" "$OUT/fuzz.log" | head -20; tail -n 1 "$OUT/fuzz.log"
 fi
 if [ -n "$AB_BASE" ]; then timeout ${AB_TIMEOUT:-400} python3 tools/ab_versions.py "$AB_BASE" ${AB_ARGS:-} 2>&1 | tee "$OUT/ab.log"; fi
-if [ $BENCH = 1 ]; then timeout ${BENCH_TIMEOUT:-400} python3 -m attnquant.bench 2>&1 | tee "$OUT/bench.log"; fi
+if [ $BENCH = 1 ]; then timeout ${BENCH_TIMEOUT:-400} python3 -m attnquant.bench ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; fi
 if [ $NCU_SOURCE = 1 ]; then  # NCU_SHAPES: bench shape names, each optionally :option=N[:...] (profile_gluon.py)
   for spec in ${NCU_SHAPES:-noncausal_mha_8k prefill_mla_4k}; do
     fmt=fp8 kernel=attn_fwd_ws
