@@ -34,14 +34,19 @@ def make_format(kind, in_dtype, ref_o):
         return quant.OutputFormat(quant.PLAIN, in_dtype)
     if kind == "nvfp4":  # vLLM's usual global scale, 448 * 6 / amax
         *tokens, h, dv = ref_o.shape
-        return nvfp4_format(math.prod(tokens), h, dv, (448 * 6 / ref_o.abs().max().clamp_min(1e-6)).float())
+        return nvfp4_format(math.prod(tokens), h, dv, (448 * 6 / _amax(ref_o)).float())
     if kind in ("group", "group_ue8m0"):  # per-token-group FP8 with DeepGEMM-style column-major scales
         *tokens, h, dv = ref_o.shape
         return group_format(torch.float8_e4m3fn, tuple(tokens), h, dv, 64 if dv % 64 == 0 else 16,
                             ue8m0=kind == "group_ue8m0", layout="colmajor_tma" if kind == "group" else "flat")
-    amax = ref_o.abs().max().clamp_min(1e-6)
+    amax = _amax(ref_o)
     scale = (amax / (quant.fp8_max(kind) / 4)).float().reshape(())
     return quant.OutputFormat(quant.FP8_STATIC, kind, scale=scale)
+
+
+def _amax(ref_o):
+    """max |O| (at least 1e-6; 1 for an empty output: a call with no tokens still takes a format)."""
+    return ref_o.abs().amax().clamp_min(1e-6) if ref_o.numel() else torch.tensor(1.0, device=ref_o.device)
 
 
 def group_format(dtype, token_shape, h, dv, group, ue8m0=False, layout="flat"):
@@ -58,7 +63,7 @@ def group_format(dtype, token_shape, h, dv, group, ue8m0=False, layout="flat"):
     else:
         pad = -(-t // 4) * 4 if layout == "colmajor_tma" else t
         bs = torch.empty(cols, pad, device=DEVICE)[:, :t].t().reshape(*token_shape, cols)
-        assert bs.stride(-1) == pad or t == 1
+        assert bs.stride(-1) == pad or t <= 1
     bs.fill_(float("nan"))
     return quant.OutputFormat(quant.FP8_GROUP, dtype, block_scale=bs, group_size=group, ue8m0=ue8m0)
 
