@@ -38,6 +38,8 @@ PREFILL = [  # name, B, Sq, Sk, H, Hkv, D, Dv, causal
     ("prefill_mha_4k", 2, 4096, 4096, 32, 32, 128, 128, True),
     ("prefill_gqa_8k", 2, 8192, 8192, 32, 4, 128, 128, True),
     ("noncausal_mha_8k", 1, 8192, 8192, 32, 32, 128, 128, False),
+    ("causal_d64_b2_8k", 2, 8192, 8192, 32, 8, 64, 64, True),
+    ("noncausal_d64_8k", 1, 8192, 8192, 32, 32, 64, 64, False),
 ]
 # Prefill shapes outside the table, run when named (the lab's tools)
 EXTRA_PREFILL = [
