@@ -122,7 +122,9 @@ def oproj_fp8(o: torch.Tensor, weight: FP8Weight, act_scale: torch.Tensor,
             raise ValueError(f"act_scale must be float32 of shape {(*tokens, k // GEMM_BLOCK)} (groups of "
                              f"{GEMM_BLOCK}), got {act_scale.dtype} {tuple(act_scale.shape)}")
         scale_a = act_scale.reshape(m, k // GEMM_BLOCK)
-        if m > 1 and scale_a.stride() != (1, m):
+        if m == 1:  # one token: any layout is both; give cuBLAS the canonical strides
+            scale_a = scale_a.t().contiguous().t()
+        elif scale_a.stride() != (1, m):
             raise ValueError(f"act_scale must be column-major over the tokens (strides (1, {m}) as "
                              f"group_scale_buffer makes it, what cuBLAS's blockwise GEMM reads), got "
                              f"{tuple(scale_a.stride())}")
