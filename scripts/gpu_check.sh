@@ -59,7 +59,7 @@ if [ $SANITIZE = 1 ]; then
     echo "compute-sanitizer $tool: exit $?"
     grep -E "SUMMARY|off:|all calls ran" "$OUT/sanitize_$tool.log" | tail -n 3
   done
-  timeout 120 compute-sanitizer --tool racecheck python3 tools/ws_race_probe.py > "$OUT/sanitize_ws_probe.log" 2>&1
+  timeout 60 compute-sanitizer --tool racecheck python3 tools/ws_race_probe.py > "$OUT/sanitize_ws_probe.log" 2>&1
   echo "racecheck of a bare warp_specialize kernel (tools/ws_race_probe.py): exit $?"
   grep -E "SUMMARY|ws_race_probe ran" "$OUT/sanitize_ws_probe.log" | tail -n 2
 fi
