@@ -111,14 +111,14 @@ def prefill_cases(shapes=()):
 
 def format_call(module, fmt, q, k, v, causal, scale, **kw):
     """`module`.flash_attn_func (attnquant, or another version of it: tools/ab_versions.py)
-    writing output format `fmt` (FORMATS; per-group FP8 with G = 128 and UE8M0)."""
+    writing output format `fmt` (FORMATS; per-group FP8 with G = min(128, Dv) and UE8M0)."""
     b, sq, h, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
     if fmt == "bf16":
         extra = {}
     elif fmt == "fp8":
         extra = dict(output_scale=scale)
     elif fmt == "group":
-        extra = dict(output_block_scale=torch.empty(b, sq, h * dv // 128, device="cuda"), ue8m0=True)
+        extra = dict(output_block_scale=torch.empty(b, sq, h * dv // min(128, dv), device="cuda"), ue8m0=True)
     else:
         extra = dict(out_dtype="nvfp4", output_scale=scale,
                      output_block_scale=torch.empty(nvfp4_scale_shape(b * sq, h, dv), dtype=FP8, device="cuda"))

@@ -18,7 +18,8 @@
 #   --fa4 BUNDLE     first unpack FA4 (flash_attn.cute and the CuTe DSL, a site-packages tarball for
 #                    the device's Python; docs/design.md "Measuring") so the benchmark times it
 # The whole default run is past the device tool's 600 s a call: split it with the options, or
-# run part of the suite: PYTEST_PATHS (default: tests), PYTEST_WORKERS (default: 8). BENCH_ARGS:
+# run part of the suite: PYTEST_PATHS (default: tests), PYTEST_WORKERS (default: 8), SUITE_TIMEOUT
+# (seconds, default 420; not PYTEST_TIMEOUT, which pytest-timeout reads as a per-test limit). BENCH_ARGS:
 # the benchmark's options (default: its three main tables).
 set -uo pipefail
 OUT=${OUT:-/tmp/attnquant-out}
@@ -64,7 +65,9 @@ if [ $SANITIZE = 1 ]; then
   grep -E "SUMMARY|ws_race_probe ran" "$OUT/sanitize_ws_probe.log" | tail -n 2
 fi
 if [ $TESTS = 1 ]; then
-  timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} -p no:cacheprovider ${PYTEST_PATHS:-tests} "$@" > "$OUT/pytest.log" 2>&1
+  # SIGINT at the limit: pytest still prints its summary (-rf names the failures so far)
+  timeout -s INT -k 30 ${SUITE_TIMEOUT:-420} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} -p no:cacheprovider \
+    ${PYTEST_PATHS:-tests} "$@" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20; tail -n 2 "$OUT/pytest.log"
 fi
 if [ $FUZZ = 1 ]; then
