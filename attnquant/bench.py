@@ -347,16 +347,14 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     every = not (args.prefill or args.decode or args.sinks or args.block or args.sweep)
     RESULTS["device"] = torch.cuda.get_device_name()
-    if every or args.prefill:
-        prefill_table()
-    if every or args.decode:
-        decode_table()
-    if every or args.sinks:
-        sinks_table()
-    if args.block:
-        block_table()
-    if args.sweep:
-        sweep_table()
+    tables = [(prefill_table, every or args.prefill), (decode_table, every or args.decode),
+              (sinks_table, every or args.sinks), (block_table, args.block), (sweep_table, args.sweep)]
+    for table, wanted in tables:
+        if wanted:
+            try:
+                table()
+            except Exception as e:  # noqa: BLE001 - one table's failure is printed; the others still run
+                print(f"\n{table.__name__} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(RESULTS, f, indent=1)
