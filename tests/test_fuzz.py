@@ -334,6 +334,23 @@ def call_and_check(fn, args, call_kw, common, ref_o, ref_lse, eager_o, softcap=0
         check_call(*got, out, wide, fmt, ref_o, ref_lse, eager_o, softcap, common["return_lse"])
 
 
+def draw_forward(data, dtype):
+    """The draws flash_attn_func's and flash_attn_varlen_func's tests share: (H, Hkv), (D, Dv),
+    attention options, sinks, num_splits, q/k/v layouts, the poison, the backend, the output
+    format's arguments and a seed."""
+    draw = data.draw
+    h, hkv = draw(head_counts(), label="(H, Hkv)")
+    d, dv = draw(st.sampled_from(HEAD_DIMS), label="(D, Dv)")
+    opts = draw(attention_options(), label="options")
+    sinks_spec = draw(SINKS, label="sinks")
+    num_splits = draw(st.sampled_from([0, 1, 2, 3, 4]), label="num_splits")
+    lay = [draw(layouts(), label=f"{n} layout") for n in "qkv"]
+    poison = draw(st.sampled_from(["garbage", "nan"]), label="poison")
+    backend = draw(st.sampled_from(BACKENDS), label="backend")
+    return h, hkv, d, dv, opts, sinks_spec, num_splits, lay, poison, backend, draw_common(data, dv, dtype), \
+        draw(st.integers(0, 2**31 - 1), label="seed")
+
+
 # ----------------------------------------------------------------------------------
 # The tests
 # ----------------------------------------------------------------------------------
@@ -347,17 +364,8 @@ def test_fuzz_flash_attn_func(data):
     b = draw(st.integers(1, 3), label="B")
     sq = draw(st.integers(1, LIMITS.sq), label="Sq")
     sk = draw(st.integers(0, LIMITS.sk), label="Sk")
-    h, hkv = draw(head_counts(), label="(H, Hkv)")
-    d, dv = draw(st.sampled_from(HEAD_DIMS), label="(D, Dv)")
-    opts = draw(attention_options(), label="options")
-    sinks_spec = draw(SINKS, label="sinks")
-    num_splits = draw(st.sampled_from([0, 1, 2, 3, 4]), label="num_splits")
-    lay = [draw(layouts(), label=f"{n} layout") for n in "qkv"]
-    poison = draw(st.sampled_from(["garbage", "nan"]), label="poison")
+    h, hkv, d, dv, opts, sinks_spec, num_splits, lay, poison, backend, common, seed = draw_forward(data, dtype)
     q_mag = draw(st.sampled_from([1.0, 3.0]), label="|q| scale")
-    backend = draw(st.sampled_from(BACKENDS), label="backend")
-    common = draw_common(data, dv, dtype)
-    seed = draw(st.integers(0, 2**31 - 1), label="seed")
 
     event(f"num_splits {num_splits}")
     event_options(opts)
@@ -388,16 +396,7 @@ def test_fuzz_flash_attn_varlen_func(data):
     pass_cu_k = page is None or used is None or draw(st.booleans(), label="paged: cu_seqlens_k too")
     extra = draw(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 2)),
                  label="(max_seqlen_q slack, max_seqlen_k slack, spare tokens / pages / table columns)")
-    h, hkv = draw(head_counts(), label="(H, Hkv)")
-    d, dv = draw(st.sampled_from(HEAD_DIMS), label="(D, Dv)")
-    opts = draw(attention_options(), label="options")
-    sinks_spec = draw(SINKS, label="sinks")
-    num_splits = draw(st.sampled_from([0, 1, 2, 3, 4]), label="num_splits")
-    lay = [draw(layouts(), label=f"{n} layout") for n in "qkv"]
-    poison = draw(st.sampled_from(["garbage", "nan"]), label="poison")
-    backend = draw(st.sampled_from(BACKENDS), label="backend")
-    common = draw_common(data, dv, dtype)
-    seed = draw(st.integers(0, 2**31 - 1), label="seed")
+    h, hkv, d, dv, opts, sinks_spec, num_splits, lay, poison, backend, common, seed = draw_forward(data, dtype)
 
     event("packed k/v" if page is None else "paged k/v")
     event(f"num_splits {num_splits}")
