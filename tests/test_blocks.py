@@ -135,6 +135,17 @@ def test_group_scale_layouts(tokens):
                 blocks.oproj_fp8(o, wq, scales.view(1, tokens, cols))
 
 
+def test_block_nan():
+    """A NaN query row gives a NaN output row through the FP8 activation and the GEMM, and no
+    other row changes (SPEC: faults are never hidden)."""
+    q, k, v, w = inputs(DTYPES[0], 2, 2, 64, 64, 128)
+    q[0, 1, 0, 0] = float("nan")
+    y = blocks.attention_oproj(q, k, v, blocks.quantize_weight_fp8(w), output_scale=torch.tensor(0.01, device=DEVICE))
+    assert y[0, 1].isnan().all()
+    y[0, 1] = 0
+    assert y.isfinite().all()
+
+
 @pytest.mark.parametrize("block", [False, True])
 def test_quantize_weight(block):
     n, k = (200, 300) if block else (64, 96)  # not multiples of 128: partial blocks

@@ -57,6 +57,16 @@ def _ring_cases(world, rank, dtype, device):
             else:
                 check_output(out, fmt, ref_local, eager_local, what=what)
                 check_lse(lse, shard(ref_lse, 2), what)
+    # a NaN key reaches every query of its sequence on every rank (non-causal), in every format
+    q = _inputs(1, (2, 4 * world, 4, 64), dtype, device)
+    k = _inputs(2, (2, 4 * world, 2, 64), dtype, device)
+    k[0, 4 * world - 1, 0, 0] = float("nan")  # (the last chunk: rank 0's second half)
+    for kw in ({}, dict(output_scale=torch.tensor(0.01, device=device))):
+        out, lse = cp.context_parallel_attention(cp.zigzag_shard(q, world, rank), cp.zigzag_shard(k, world, rank),
+                                                 cp.zigzag_shard(k, world, rank), return_lse=True, **kw)
+        o = out.float()
+        assert o[0, :, :2].isnan().all() and lse[0, :2].isnan().all(), f"ring rank {rank}: NaN key hidden"
+        assert o[1].isfinite().all() and o[0, :, 2:].isfinite().all(), f"ring rank {rank}: NaN spread"
     # the zig-zag helpers are each other's inverse
     x = _inputs(4, (2, 4 * world, 3), dtype, device)
     shards = [cp.zigzag_shard(x, world, r) for r in range(world)]
@@ -76,6 +86,14 @@ def _dcp_cases(world, rank, dtype, device):
     k_local, lens = cp.interleave_kv_cache(kc, seqlens, world, rank)
     v_local, _ = cp.interleave_kv_cache(vc, seqlens, world, rank)
     assert int(lens.sum()) == sum((int(n) - rank + world - 1) // world for n in seqlens if n > rank)
+    q_nan = q.clone()
+    q_nan[1, 0, 3, 0] = float("nan")  # one query head of sequence 1 (whose cache lives on rank 0 only)
+    for kw in ({}, dict(output_scale=torch.tensor(0.01, device=device))):
+        out, lse = cp.dcp_decode(q_nan, k_local, v_local, lens, return_lse=True, **kw)
+        o = out.float()
+        assert o[1, 0, 3].isnan().all() and lse[1, 3].isnan().all(), f"dcp rank {rank}: NaN query hidden"
+        o[1, 0, 3] = 0
+        assert o.isfinite().all(), f"dcp rank {rank}: NaN spread"
     for kind in KINDS:
         fmt = make_format(kind, dtype, ref)
         out, lse = cp.dcp_decode(q, k_local, v_local, lens, return_lse=True, **format_kwargs(fmt))
