@@ -10,8 +10,6 @@ and a warp whose rows all kept theirs skips O's rescale.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from .epilogue import _nan_if_inf
-
 # LAZY_RESCALE: the running max moves only when a block's passes it by more than this (log2
 # units: P <= 256), FA4's threshold
 RESCALE_LOG2 = gl.constexpr(8.0)
@@ -53,18 +51,15 @@ def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
     LAZY_RESCALE (FA4's conditional rescale): m moves only when the block's maximum passes it
     by more than RESCALE_LOG2, so p <= 2^RESCALE_LOG2 (exact enough in 16 bits, no overflow in
     fp32) and alpha is exactly 1 on most blocks, whose O rescale is then skipped (rescale_o)."""
-    # A NaN or +inf score makes its row NaN through the max and exp2 at no cost. A -inf one (an
-    # infinite q or k element) would silently drop its key, so the check below turns it into NaN
-    # (where a mask may follow, s itself is checked first: the mask then replaces what a row does
-    # not see; unmasked blocks check p). Only the serial path checks: in the overlapped loop the
-    # check (one FMA a score) made the key-block loop 64 instructions longer and the causal
-    # shapes 8-13 % slower, while without it ptxas spills in the serial wave-split variants
-    # (docs/spec.md, "Known limits": the Gluon kernel does not promise NaN for -inf scores).
-    CHECK: gl.constexpr = not cfg.INTRA_OVERLAP
+    # A NaN or +inf score makes its row NaN through the max and exp2 at no cost. A -inf score (an
+    # infinite q or k element) drops its key instead: no loop checks for it, since one FMA a
+    # score is 64 instructions of a ~470-530 instruction key-block loop and cost 8-13 % (docs/
+    # spec.md "Known limits"). In the serial loop S, O and the max tree's first level (32
+    # temporaries) do not fit the 160 registers a thread has together: its unmasked blocks stop the
+    # tree after two levels (spill-free in every variant; the masked loop keeps the full tree).
+    TREE: gl.constexpr = 99 if cfg.INTRA_OVERLAP or MASKED else 2
     qk_scale = rows.qk_scale
     if MASKED == MASK_FROM_N_FULL:
-        if CHECK:
-            s = _nan_if_inf(s)
         # The row max of the unmasked scores first, recomputed in the masked branch: with the
         # branch ahead of it, ptxas moves the PV wait above the max tree.
         m_raw = row_max(s)
@@ -73,10 +68,8 @@ def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
             m_raw = row_max(s)
     else:
         if MASKED:
-            if CHECK:
-                s = _nan_if_inf(s)
             s = mask_scores(s, j, rows, cfg)
-        m_raw = row_max(s)
+        m_raw = row_max(s, TREE)
     m_blk = m_raw * qk_scale
     if cfg.LAZY_RESCALE:
         m_new = gl.where(m_blk > m_i + RESCALE_LOG2, m_blk, m_i)
@@ -84,8 +77,6 @@ def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
         m_new = gl.maximum(m_i, m_blk)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(s * qk_scale - m_use[:, None])
-    if CHECK and not MASKED:
-        p = gl.fma(s, 0.0, p)  # NaN where s is +-inf or NaN, p elsewhere
     alpha = gl.exp2(m_i - m_use)
     l_new = l_i * alpha + gl.sum(p, 1)
     return pack_16bit(p, cfg.DTYPE), m_new, l_new, alpha
@@ -113,15 +104,16 @@ def rescale_o(acc, alpha, LAZY_RESCALE: gl.constexpr):
 
 
 @gluon.jit
-def row_max(s):
+def row_max(s, LEVELS: gl.constexpr = 99):
     """gl.max(s, 1) as a tree: Triton reduces a thread's 32 values of a row in one chain of
     dependent max instructions (SASS: FMNMX x31 ahead of every exp2 of the block). Here the
     column halves are maxed elementwise while the halving bit is a register bit of the wgmma
     layout (columns 8 and up), then gl.max finishes the last 8 columns (one register pair,
-    two quad shuffles): the same 31 instructions, 6 deep instead of 31."""
+    two quad shuffles): the same 31 instructions, 6 deep instead of 31. LEVELS: at most this
+    many halvings (each level's temporaries are registers too)."""
     n: gl.constexpr = s.shape[1]
     row_layout: gl.constexpr = gl.SliceLayout(1, s.type.layout)
-    for _ in gl.static_range(gl.constexpr(n.bit_length() - 4)):  # n -> 8
+    for _ in gl.static_range(gl.constexpr(min(LEVELS, n.bit_length() - 4))):  # n -> 8 at most
         a, b = gl.split(gl.permute(gl.reshape(s, [s.shape[0], 2, s.shape[1] // 2]), (0, 2, 1)))
         s = gl.maximum(a, b)
     return gl.convert_layout(gl.max(s, 1), row_layout)  # (the same rows to the same threads: no data moves)
