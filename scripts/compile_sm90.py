@@ -81,12 +81,12 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
     da, db = split_head_dim(d)
 
     def desc(rows, cols, dtype="bf16"):
-        gl_dtype = {"bf16": gl.bfloat16, "fp8e4nv": gl.float8e4nv, "fp8e5": gl.float8e5}[dtype]
+        gl_dtype = {"bf16": gl.bfloat16, "fp8e4nv": gl.float8e4nv, "fp8e5": gl.float8e5, "u8": gl.uint8}[dtype]
         layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
         return f"tensordesc<{dtype}[{rows}, {cols}],{layout!r}>"
 
-    out_bytes = 2 if out in ("*bf16", "*fp16") else 1
-    tma_store = tma_store and kind != 3 and staging_fits(d, dv, cfg, out_bytes)  # NVFP4: register stores
+    row_bytes = {"*bf16": 2 * dv, "*fp16": 2 * dv, "*u8": dv // 2}.get(out, dv)  # (u8: NVFP4's packed codes)
+    tma_store = tma_store and staging_fits(d, dv, cfg, row_bytes)
 
     c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, NUM_CONSUMERS=cfg.consumers, VARLEN=varlen,
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, HAS_SINKS=sinks,
@@ -96,7 +96,8 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
              LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=split_tail)
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
-            "o_desc": desc(64, dv, out[1:]) if tma_store else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
+            "o_desc": desc(64, row_bytes // (2 if out in ("*bf16", "*fp16") else 1), out[1:]) if tma_store
+            else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": "*fp8e4nv" if kind == 3 else "*fp32", "CuSeqlensQ": "*i32",
             "CuSeqlensK": "*i32", "TileCounter": "*i32", "Partials": "*fp32", "Sinks": "*fp32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)

@@ -342,22 +342,26 @@ def test_lazy_rescale_option(causal, dims, dtype):
 
 @needs_gluon
 @pytest.mark.parametrize("dims,kind,room", [((128, 128), "plain", True), ((128, 128), torch.float8_e4m3fn, True),
-                                            ((192, 128), "plain", False), ((192, 128), "group_ue8m0", True)],
+                                            ((192, 128), "plain", False), ((192, 128), "group_ue8m0", True),
+                                            ((128, 128), "nvfp4", True), ((192, 128), "nvfp4", True),
+                                            ((64, 64), "nvfp4", True)],
                          ids=str)
 @pytest.mark.parametrize("out_layout", ["contiguous", "strided"])
 def test_output_epilogue_paths(dims, kind, room, out_layout):
     """Whole 64-row tiles go out through shared memory and a TMA store where the staging tile
-    fits (not next to d=192's K/V ring in 16 bits) and `out` reads as a 2-D (tokens, H * Dv)
-    view (not a slice of a wider buffer); everything else, and the rows of a tile cut by the
-    sequence end (Sq = 300: tiles of 64 whole rows, and a last one of 44), store from registers."""
+    fits (not next to d=192's K/V ring in 16 bits; NVFP4's packed codes are half an FP8 tile)
+    and `out` reads as a 2-D (tokens, H * Dv) view (not a slice of a wider buffer); everything
+    else, and the rows of a tile cut by the sequence end (Sq = 300: tiles of 64 whole rows, and
+    a last one of 44), store from registers."""
     (d, dv), dtype = dims, DTYPES[0]
     b, sq, h, hkv = 2, 300, 4, 2
     q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sq, hkv, d, dtype=dtype), randn(b, sq, hkv, dv, dtype=dtype)
     ref_o, ref_lse = attention_ref_batched(q, k, v, causal=True)
     eager_o, _ = attention_ref_batched(q, k, v, causal=True, eager_dtype=dtype)
     fmt = make_format(kind, dtype, ref_o)
-    out = torch.empty(b, sq, h, dv * (1 if out_layout == "contiguous" else 2), dtype=fmt.dtype, device=DEVICE)
-    out = out[..., :dv]
+    cols = fmt.out_shape((dv,))[-1]  # (NVFP4: two codes a byte)
+    out = torch.empty(b, sq, h, cols * (1 if out_layout == "contiguous" else 2), dtype=fmt.dtype, device=DEVICE)
+    out = out[..., :cols]
     res, lse = aq.flash_attn_func(q, k, v, causal=True, return_lse=True, backend="gluon", out=out,
                                   **format_kwargs(fmt))
     assert res.data_ptr() == out.data_ptr()

@@ -134,9 +134,10 @@ def _smem_bytes(d, dv, block_n, stages, elem=2, block_m=2 * WG_ROWS):
     return elem * (block_m * d + stages * block_n * (d + dv))
 
 
-def staging_fits(d: int, dv: int, cfg: WsConfig, out_elem_bytes: int) -> bool:
-    """Room for the TMA-store epilogue's block_m x Dv output tile next to Q and the K/V ring."""
-    return (_smem_bytes(d, dv, cfg.block_n, cfg.num_stages, block_m=cfg.block_m) + cfg.block_m * dv * out_elem_bytes
+def staging_fits(d: int, dv: int, cfg: WsConfig, out_row_bytes: int) -> bool:
+    """Room for the TMA-store epilogue's block_m output rows (out_row_bytes each) next to Q and the
+    K/V ring."""
+    return (_smem_bytes(d, dv, cfg.block_n, cfg.num_stages, block_m=cfg.block_m) + cfg.block_m * out_row_bytes
             <= SMEM_MAX)
 
 

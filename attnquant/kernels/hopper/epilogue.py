@@ -136,7 +136,7 @@ def tile_epilogue(acc, m_i, l_i, outs, t, cfg, WG: gl.constexpr):
     bs_row0 = t.b.to(gl.int64) * stride_bsb + tok0 * stride_bss + t.h.to(gl.int64) * stride_bsh
     dst = RowsOut(out_row0 + rows.to(gl.int64) * stride_os, row_ok, bs_row0 + rows.to(gl.int64) * stride_bss, t.h,
                   stride_bsg, t.m0 + (WG + 1) * WG_ROWS <= t.seqlen_q, outs.o_smem.index(WG), t.q_row + WG * WG_ROWS,
-                  t.h * cfg.DV)
+                  t.h * outs.o_desc.block_type.shape[1])
     store_output(acc, gl.convert_layout(inv_l, gl.SliceLayout(1, o_layout)), dst, outs, cfg, o_layout)
     if cfg.STORE_LSE:
         lse_row0 = t.b.to(gl.int64) * stride_lb + t.h.to(gl.int64) * stride_lh + tok0 * stride_ls
@@ -224,11 +224,13 @@ def store_output(acc, row_factor, dst, outs, cfg, layout: gl.constexpr):
         col_part = _nvfp4_scale_offset(0, blk, dst.stride_bsg)
         gl.store(outs.BlockScale + row_part[:, None] + col_part[None, :], sf.to(outs.BlockScale.dtype.element_ty),
                  mask=sf_ok[:, None] & (blk >= 0)[None, :])  # (the mask spelled out in full shape)
-        p_layout: gl.constexpr = packed.type.layout
-        pairs = gl.arange(0, DV // 2, layout=gl.SliceLayout(0, p_layout))
-        p_rows = gl.convert_layout(dst.out_rows, gl.SliceLayout(1, p_layout))
-        p_ok = gl.convert_layout(dst.row_ok, gl.SliceLayout(1, p_layout))
-        gl.store(Out + p_rows[:, None] + pairs[None, :], packed, mask=p_ok[:, None] & (pairs < DV // 2)[None, :])
+        if cfg.TMA_STORE:
+            if dst.whole:
+                _tma_store_tile(packed, dst, outs, OUT_KIND, FP8_MAX)
+            else:
+                _store_nvfp4_codes(packed, dst, Out, DV)
+        else:
+            _store_nvfp4_codes(packed, dst, Out, DV)
     else:
         o = acc * row_factor[:, None]
         inv_scales = gl.full([acc.shape[0], DV], 1.0, gl.float32, layout)
@@ -247,16 +249,36 @@ def store_output(acc, row_factor, dst, outs, cfg, layout: gl.constexpr):
         # the TMA branch when TMA_STORE is off, against the dummy o_desc / o_smem.
         if cfg.TMA_STORE:
             if dst.whole:
-                o_smem = dst.o_smem
-                tma.store_wait(0)  # this warpgroup's previous tile has left o_smem
-                if OUT_KIND == 0:
-                    o_smem.store(o.to(Out.dtype.element_ty))
-                else:  # FP8 as code pairs, through a 16-bit view of the same bytes (same swizzle)
-                    pair_layout: gl.constexpr = gl.NVMMASharedLayout(o_smem.layout.swizzle_byte_width, 16)
-                    o_smem._reinterpret(gl.int16, [o.shape[0], DV // 2], pair_layout).store(_fp8_pairs(o, FP8_MAX))
-                fence_async_shared()  # the generic-proxy writes, visible to the TMA (async proxy)
-                tma.async_copy_shared_to_global(outs.o_desc, [dst.o_row, dst.o_col], o_smem)
+                _tma_store_tile(o, dst, outs, OUT_KIND, FP8_MAX)
             else:
                 gl.store(ptrs, _saturate(o, FP8_MAX, OUT_KIND).to(Out.dtype.element_ty), mask=mask)
         else:
             gl.store(ptrs, _saturate(o, FP8_MAX, OUT_KIND).to(Out.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _tma_store_tile(x, dst, outs, OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr):
+    """A whole 64-row tile out through the warpgroup's staging tile and a TMA store. x: O scaled
+    for the format (plain, or FP8: converted here as code pairs, through a 16-bit view of the
+    same bytes, the same swizzle), or NVFP4's packed code bytes."""
+    o_smem = dst.o_smem
+    tma.store_wait(0)  # this warpgroup's previous tile has left o_smem
+    if OUT_KIND == 0:
+        o_smem.store(x.to(o_smem.dtype))
+    elif OUT_KIND == 3:
+        o_smem.store(x)
+    else:
+        pair_layout: gl.constexpr = gl.NVMMASharedLayout(o_smem.layout.swizzle_byte_width, 16)
+        o_smem._reinterpret(gl.int16, [x.shape[0], x.shape[1] // 2], pair_layout).store(_fp8_pairs(x, FP8_MAX))
+    fence_async_shared()  # the generic-proxy writes, visible to the TMA (async proxy)
+    tma.async_copy_shared_to_global(outs.o_desc, [dst.o_row, dst.o_col], o_smem)
+
+
+@gluon.jit
+def _store_nvfp4_codes(packed, dst, Out, DV: gl.constexpr):
+    """NVFP4's packed code bytes [rows, DV / 2] from registers (rows inside the sequence)."""
+    p_layout: gl.constexpr = packed.type.layout
+    pairs = gl.arange(0, DV // 2, layout=gl.SliceLayout(0, p_layout))
+    p_rows = gl.convert_layout(dst.out_rows, gl.SliceLayout(1, p_layout))
+    p_ok = gl.convert_layout(dst.row_ok, gl.SliceLayout(1, p_layout))
+    gl.store(Out + p_rows[:, None] + pairs[None, :], packed, mask=p_ok[:, None] & (pairs < DV // 2)[None, :])

@@ -73,12 +73,17 @@ def unsupported_reason(p: Problem, attn: Attention, num_splits: int, interpret: 
 def tma_store_applies(p, cfg: WsConfig, out: torch.Tensor) -> bool:
     """The TMA-store epilogue: wanted, room for it, and `out` readable as a 2-D
     (tokens, heads * Dv) view."""
-    return (cfg.tma_store and out.dtype in _GL_DTYPES and staging_fits(p.head_dim, p.head_dim_v, cfg, out.element_size())
+    return (cfg.tma_store and out.dtype in _GL_DTYPES and staging_fits(p.head_dim, p.head_dim_v, cfg, out_row_bytes(out, p))
             and _views_ok(out, p.varlen))
 
 
+def out_row_bytes(out: torch.Tensor, p) -> int:
+    """Bytes of one output row of one head: Dv elements, or NVFP4's Dv / 2 code bytes (uint8)."""
+    return p.head_dim_v // 2 if out.dtype == torch.uint8 else p.head_dim_v * out.element_size()
+
+
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8e4nv",
-              torch.float8_e5m2: "float8e5"}
+              torch.float8_e5m2: "float8e5", torch.uint8: "uint8"}  # (uint8: NVFP4's packed codes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,7 +172,8 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
     qb_desc = _descriptor(p.q, WG_ROWS, hd, db, hit) if db else q_desc
     kb_desc = _descriptor(p.k, cfg.block_n, hkv_d, db, hit) if db else k_desc
     v_desc = _descriptor(p.v, cfg.block_n, hkv_dv, p.head_dim_v, hit)
-    o_desc = _descriptor(out, WG_ROWS, p.num_heads * p.head_dim_v, p.head_dim_v, hit) if tma_store else v_desc
+    o_cols = out_row_bytes(out, p) // out.element_size()  # (NVFP4: two codes a byte)
+    o_desc = _descriptor(out, WG_ROWS, p.num_heads * o_cols, o_cols, hit) if tma_store else v_desc
     args = (q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, *pointers, *ints, attn.softmax_scale * LOG2E)
     if not hit:  # Triton's JIT dispatch: binds, specializes, compiles (once), launches
         assert attn_fwd_ws_kernel.arg_names[len(args):] == list(constexprs)  # (the constexprs come last)
