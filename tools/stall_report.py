@@ -51,7 +51,7 @@ def op_class(r):
     op = opcode(r)
     if op.startswith("WARPGROUP.DEPBAR"):
         return "wgmma wait (" + r[col["Source"]].split(",")[-1].strip() + " left)"
-    for prefix, name in (("HGMMA", "wgmma issue"), ("WARPGROUP", "wgmma issue"), ("MUFU", "exp2 (MUFU)"),
+    for prefix, name in (("HGMMA", "wgmma issue"), ("QGMMA", "wgmma issue"), ("WARPGROUP", "wgmma issue"), ("MUFU", "exp2 (MUFU)"),
                          ("FMNMX", "row max"), ("SHFL", "row max / sum shuffles"), ("FADD", "fp32 add/fma/mul"),
                          ("FFMA", "fp32 add/fma/mul"), ("FMUL", "fp32 add/fma/mul"), ("F2FP", "P pack"),
                          ("BAR", "bar.sync"), ("SYNCS", "mbarrier arrive / test"), ("BRA", "branch (mbarrier polls)")):
@@ -79,7 +79,7 @@ for r in body:
 print("samples by execution count (the largest count with wgmmas is the key-block loop):")
 print("   " + ", ".join(f"{n}x: {s / total:.1%}" for n, s in by_count.most_common(6)))
 
-loop_count = max((executed(r) for r in body if "HGMMA" in r[col["Source"]]), default=0)
+loop_count = max((executed(r) for r in body if "GMMA" in r[col["Source"]]), default=0)  # HGMMA, QGMMA (FP8)
 loop = [r for r in body if executed(r) == loop_count]
 in_loop = sum(samples(r) for r in loop)
 print(f"\nkey-block loop ({loop_count} warp executions per instruction): {in_loop / total:.1%} of samples, "
