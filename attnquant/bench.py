@@ -1,6 +1,6 @@
 """The benchmark: attnquant next to its peers, in one run on one GPU.
 
-    python -m attnquant.bench [--prefill] [--decode] [--sinks]     # all three tables by default
+    python -m attnquant.bench [--prefill] [--decode] [--sinks] [--fp8-attention]   # all four by default
 
 - prefill: the PERF.md shapes; the Gluon kernel writing bf16, static FP8, per-group FP8 and
   NVFP4 (interleaved rounds), FA4 (flash_attn.cute, bf16 out) where importable, cuDNN SDPA
@@ -10,6 +10,9 @@
   contiguous and paged (page 16), and cuDNN SDPA bf16 + quantization. µs and TB/s of K+V read.
 - sinks: a gpt-oss layer (64 query / 8 KV heads, d 64; full and 128-token sliding window) with
   and without learnable sinks, fused FP8 out.
+- FP8 attention: e4m3 q/k/v with (B, Hkv) descales against bf16 inputs on the d 64 / 128
+  prefill shapes, each writing bf16, static FP8 and NVFP4 (the FP8 call includes V's transposed
+  copy).
 - block (--block): attention + output projection (attnquant.blocks) per layer: fused FP8 ->
   FP8 GEMM (static; per-token-group 1x128 with 128x128 weight blocks where Dv allows), ours
   bf16 -> separate quantization -> FP8 GEMM, FA4 bf16 -> the same, cuDNN SDPA bf16 -> bf16
@@ -31,7 +34,7 @@ import torch
 import triton
 
 import attnquant as aq
-from attnquant.quant import nvfp4_scale_shape
+from attnquant.quant import nvfp4_scale_shape, quantize_kv_fp8
 
 PREFILL = [  # name, B, Sq, Sk, H, Hkv, D, Dv, causal
     ("prefill_mla_4k", 2, 4096, 4096, 16, 1, 192, 128, True),
@@ -183,6 +186,37 @@ def prefill_table():
         print(f"{name:<18} {cell(t[0])} {cell(t[1])} {t[2]:7.0f} {t[3]:7.0f} {t[1] / t[0]:8.3f} {t[2] / t[0]:8.3f} "
               f"{t[3] / t[0]:8.3f} {cell(t_fa4)} {t_fa4 / t[1]:7.2f} {cell(t_sdpa)} {t_sdpa_q:7.0f} "
               f"{t_sdpa / t[1]:8.2f}", flush=True)
+
+
+def fp8_inputs(q, k, v):
+    """q, k, v in e4m3 with (B, Hkv) descales (q's: each KV head's group of query heads shares
+    one), as an FP8 KV cache and an FP8 projection of q give them."""
+    b, sq, h, d = q.shape
+    hkv = k.shape[2]
+    qq, q_ds = quantize_kv_fp8(q.reshape(b, sq, hkv, h // hkv * d))
+    kq, k_ds = quantize_kv_fp8(k)
+    vq, v_ds = quantize_kv_fp8(v)
+    return qq.reshape(b, sq, h, d), kq, vq, dict(q_descale=q_ds, k_descale=k_ds, v_descale=v_ds)
+
+
+def fp8_attention_table():
+    """FP8 attention (e4m3 q/k/v, descales) against bf16 inputs, each in three output formats,
+    interleaved; the FP8 call includes its V^T copy."""
+    print("\nFP8 attention (µs, TFLOP/s): e4m3 q/k/v with descales vs bf16 inputs, fused outputs")
+    print(f"{'shape':<18} {'bf16 in: bf16':>15} {'fp8':>7} {'nvfp4':>7} {'fp8 in: bf16':>15} {'fp8':>15} "
+          f"{'nvfp4':>7} {'speedup fp8 out':>15}")
+    for name, q, k, v, causal, scale, flops in prefill_cases():
+        if q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
+            continue  # (the Gluon kernel's FP8 path: D = Dv = 64 or 128)
+        cell = lambda us: f"{us:6.0f} ({flops / us * 1e-6:4.0f} TF)"  # noqa: E731
+        qq, kq, vq, descales = fp8_inputs(q, k, v)
+        fmts = ("bf16", "fp8", "nvfp4")
+        fns = ([format_call(aq, f, q, k, v, causal, scale) for f in fmts]
+               + [format_call(aq, f, qq, kq, vq, causal, scale, **descales) for f in fmts])
+        t = interleaved(fns)
+        RESULTS.setdefault("fp8_attention", {})[name] = dict(zip([f"bf16_{f}" for f in fmts] + [f"fp8_{f}" for f in fmts], t))
+        print(f"{name:<18} {cell(t[0])} {t[1]:7.0f} {t[2]:7.0f} {cell(t[3])} {cell(t[4])} {t[5]:7.0f} "
+              f"{t[1] / t[4]:15.2f}", flush=True)
 
 
 def paged(cache, page, gen=None):
@@ -337,6 +371,7 @@ def main(argv=None):
     ap.add_argument("--prefill", action="store_true")
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--sinks", action="store_true")
+    ap.add_argument("--fp8-attention", action="store_true", help="e4m3 q/k/v against bf16 inputs")
     ap.add_argument("--block", action="store_true", help="attention + o_proj (not in the default run)")
     ap.add_argument("--sweep", action="store_true", help="TFLOP/s against sequence length (not in the default run)")
     ap.add_argument("--json", metavar="PATH", help="write every table's numbers here")
@@ -345,10 +380,11 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    every = not (args.prefill or args.decode or args.sinks or args.block or args.sweep)
+    every = not (args.prefill or args.decode or args.sinks or args.block or args.sweep or args.fp8_attention)
     RESULTS["device"] = torch.cuda.get_device_name()
     tables = [(prefill_table, every or args.prefill), (decode_table, every or args.decode),
-              (sinks_table, every or args.sinks), (block_table, args.block), (sweep_table, args.sweep)]
+              (sinks_table, every or args.sinks), (fp8_attention_table, every or args.fp8_attention),
+              (block_table, args.block), (sweep_table, args.sweep)]
     for table, wanted in tables:
         if wanted:
             try:
