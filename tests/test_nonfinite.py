@@ -121,7 +121,9 @@ def test_bad_v(val, kind, backend):
     sk, hkv = k.shape[1], k.shape[2]
     ref_o, _ = attention_ref_batched(q, k, v, causal=True)
     eager_o, _ = attention_ref_batched(q, k, v, causal=True, eager_dtype=dtype)
-    j, hk, c = sk // 2, 0, 3
+    # (a key near the end: the Gluon kernel reads batch 1's first rows into batch 0's ragged last
+    # key block, where a NaN spreads through 0 x NaN, docs/spec.md "Known limits")
+    j, hk, c = sk - 5, 0, 3
     v[1, j, hk, c] = val
     out, lse, fmt = run(q, k, v, kind, True, backend, ref_o)
     el = nan_elements(out, fmt)

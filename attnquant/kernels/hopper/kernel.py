@@ -93,7 +93,10 @@ class KernelConfig:
                                                          k_width=32 // dtype.primitive_bitwidth))
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section", "split_from", "split_parts"])
+# (the descale strides are 1 or 0 for common layouts: specialized, they would become constexprs
+# that the Descales record cannot hold, and a recompile for each layout)
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section", "split_from", "split_parts", "stride_qdb",
+                              "stride_qdh", "stride_kdb", "stride_kdh", "stride_vdb", "stride_vdh"])
 def attn_fwd_ws_kernel(
     q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
     Partials, Sinks, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
