@@ -69,19 +69,15 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
-                  pingpong=None, tma_store=True, lazy_rescale=None, split_tail=False, sinks=False, fp8_in=False,
-                  descales=False, **config):
+                  pingpong=None, tma_store=True, lazy_rescale=None, split_tail=False, sinks=False, **config):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
     as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
     staging buffer fits, as in launch.tma_store_applies); `config`: WsConfig fields to change
-    (consumers=3 starts from the 3-consumer config ws_config picks). fp8_in: FP8 attention (e4m3
-    q/k/v, V read as V^T), with q/k/v descales if `descales`."""
+    (consumers=3 starts from the 3-consumer config ws_config picks)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    in_bytes = 1 if fp8_in else 2
-    in_dtype = "fp8e4nv" if fp8_in else "bf16"
-    cfg = replace(ws_config(d, dv, consumers=config.get("consumers", 2), in_bytes=in_bytes), **config)
+    cfg = replace(ws_config(d, dv, consumers=config.get("consumers", 2)), **config)
     da, db = split_head_dim(d)
 
     def desc(rows, cols, dtype="bf16"):
@@ -90,24 +86,20 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
         return f"tensordesc<{dtype}[{rows}, {cols}],{layout!r}>"
 
     row_bytes = {"*bf16": 2 * dv, "*fp16": 2 * dv, "*u8": dv // 2}.get(out, dv)  # (u8: NVFP4's packed codes)
-    tma_store = tma_store and staging_fits(d, dv, cfg, row_bytes, in_bytes)
+    tma_store = tma_store and staging_fits(d, dv, cfg, row_bytes)
 
     c = dict(GROUP=group, DA=da, DB=db, DV=dv, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, NUM_CONSUMERS=cfg.consumers, VARLEN=varlen,
              CAUSAL=causal, PINGPONG=cfg.pingpong if pingpong is None else pingpong, STORE_LSE=True, HAS_SINKS=sinks,
              OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
              GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.registers()[1],
              PRODUCER_REGS=cfg.producer_regs,
-             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=split_tail,
-             HAS_Q_DESCALE=descales, HAS_K_DESCALE=descales, HAS_V_DESCALE=descales)
-    # FP8 attention reads V^T: [DV, BLOCK_N] tiles of (Hkv * Dv, key tokens)
-    v_block = desc(dv, cfg.block_n, in_dtype) if fp8_in else desc(cfg.block_n, dv)
-    o_block = desc(64, row_bytes // (2 if out in ("*bf16", "*fp16") else 1), out[1:])
-    ptrs = {"q_desc": desc(64, da, in_dtype), "qb_desc": desc(64, db or da, in_dtype),
-            "k_desc": desc(cfg.block_n, da, in_dtype), "kb_desc": desc(cfg.block_n, db or da, in_dtype),
-            "v_desc": v_block, "o_desc": o_block if tma_store else v_block, "Out": out, "Lse": "*fp32",
+             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=split_tail)
+    ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
+            "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
+            "o_desc": desc(64, row_bytes // (2 if out in ("*bf16", "*fp16") else 1), out[1:]) if tma_store
+            else desc(cfg.block_n, dv), "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": "*fp8e4nv" if kind == 3 else "*fp32", "CuSeqlensQ": "*i32",
-            "CuSeqlensK": "*i32", "TileCounter": "*i32", "Partials": "*fp32", "Sinks": "*fp32",
-            "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32"}
+            "CuSeqlensK": "*i32", "TileCounter": "*i32", "Partials": "*fp32", "Sinks": "*fp32"}
     src = GluonASTSource(fn=attn_fwd_ws_kernel, signature=signature(attn_fwd_ws_kernel, ptrs, c), constexprs=c)
     return src, dict(num_warps=4, maxnreg=cfg.registers()[0])
 
@@ -158,16 +150,6 @@ VARIANTS = {
         split_tail=True),
     "gluon d192-128 mqa non-causal, last wave split, group fp8 (G=64)": gluon_variant(
         kind=2, group_size=64, d=192, group=16, causal=False, split_tail=True),
-    # FP8 attention (e4m3 q/k/v: FP8 wgmmas, V^T tiles, P in e4m3)
-    "gluon fp8-in d128 causal, descales, fp8 out": gluon_variant(fp8_in=True, descales=True),
-    "gluon fp8-in d128 non-causal, last wave split, bf16 out": gluon_variant(
-        out="*bf16", kind=0, causal=False, split_tail=True, fp8_in=True),
-    "gluon fp8-in d64 gqa, descales, group fp8 (G=64)": gluon_variant(
-        kind=2, group_size=64, d=64, dv=64, group=8, fp8_in=True, descales=True),
-    "gluon fp8-in d64 non-causal, last wave split, bf16 out": gluon_variant(
-        out="*bf16", kind=0, d=64, dv=64, causal=False, split_tail=True, fp8_in=True, descales=True),
-    "gluon fp8-in d128 gqa, descales, nvfp4 out": gluon_variant(
-        out="*u8", kind=3, group_size=16, group=4, fp8_in=True, descales=True),
 }
 
 

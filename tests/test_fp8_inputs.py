@@ -123,8 +123,7 @@ def test_fp8_kv_varlen(kind, paged):
 @pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn, "nvfp4"], ids=str)
 def test_fp8_attention_all_inputs(kind):
     """q, k, v all FP8 (FP8 attention), each with its descale; with no format asked for, the
-    output is bf16. The portable kernel (bf16 dots on the dequantized values, so the eager bf16
-    bound holds): the Gluon kernel's FP8 wgmmas round P to e4m3, tests/test_fp8_gluon.py."""
+    output is bf16."""
     b, s, h, hkv, d = 2, 33, 4, 2, 64
     q32 = randn(b, s, h, d, dtype=torch.float32) * 2
     qq, qd, q64 = fp8(q32, False)  # (B, Hkv) descales: a query head group shares its KV head's
@@ -137,16 +136,15 @@ def test_fp8_attention_all_inputs(kind):
                                        eager_dtype=torch.bfloat16)
     fmt = make_format(kind, torch.bfloat16, ref_o)
     out, lse = aq.flash_attn_func(qq, kq, vq, causal=True, return_lse=True, q_descale=qd, k_descale=kd, v_descale=vd,
-                                  backend="triton", **({} if kind == "plain" else format_kwargs(fmt)))
+                                  **({} if kind == "plain" else format_kwargs(fmt)))
     assert out.dtype == fmt.dtype
     check_output(out, fmt, ref_o, eager_o, what=f"fp8 attention {kind}")
     check_lse(lse, ref_lse)
 
 
 def test_fp8_kv_without_descales_and_gluon_routing():
-    """No descale means 1.0; the Gluon kernel does not take FP8 K/V with a 16-bit q (it takes
-    FP8 attention, q/k/v all FP8: tests/test_fp8_gluon.py): backend='gluon' says so, 'auto' runs
-    them on the portable kernel."""
+    """No descale means 1.0; the Gluon kernel does not take FP8 inputs (yet): backend='gluon'
+    says so, 'auto' runs them on the portable kernel."""
     dtype = DTYPES[0]
     q = randn(1, 200, 4, 64, dtype=dtype)
     k = (randn(1, 200, 2, 64, dtype=torch.float32) * 3).to(FP8)

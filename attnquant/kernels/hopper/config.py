@@ -75,15 +75,13 @@ class WsConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def ws_config(head_dim: int, head_dim_v: int, block_n: Optional[int] = None, consumers: int = 2,
-              in_bytes: int = 2) -> WsConfig:
+def ws_config(head_dim: int, head_dim_v: int, block_n: Optional[int] = None, consumers: int = 2) -> WsConfig:
     """128-key blocks (64 past head dim 192, or with 3 consumers; `block_n` overrides, for
-    measurements), as many K/V stages as shared memory allows (2-4) for inputs of `in_bytes`
-    bytes (FP8 attention: 1, so d=128 gets 4 stages where 16-bit inputs get 2); no consumer
-    ping-pong (within noise of the free-running warpgroups on the benchmark shapes)."""
+    measurements), as many K/V stages as shared memory allows (2-4); no consumer ping-pong
+    (within noise of the free-running warpgroups on the benchmark shapes)."""
     block_n = block_n or (128 if max(head_dim, head_dim_v) <= 192 and consumers == 2 else 64)
     for stages in (4, 3, 2):
-        if _smem_bytes(head_dim, head_dim_v, block_n, stages, in_bytes, consumers * WG_ROWS) <= SMEM_LIMIT:
+        if _smem_bytes(head_dim, head_dim_v, block_n, stages, block_m=consumers * WG_ROWS) <= SMEM_LIMIT:
             return WsConfig(block_n, stages, consumers=consumers)
     return WsConfig(block_n, 1, consumers=consumers)
 
@@ -96,9 +94,8 @@ def for_problem(cfg: WsConfig, p, causal: bool, sms: int) -> WsConfig:
     split (waves). (The waves decide: at B=1, H=32, 8k, 11 waves of 192 rows against 16 of 128
     read even; with the last wave split, 10 1/2 against 16.)"""
     d, dv = p.head_dim, p.head_dim_v
-    # (FP8 attention has no 3-consumer config yet: its serial loop is not compiled or measured)
     if (causal or p.varlen or not cfg.auto_consumers or cfg.consumers != 2 or cfg.pingpong
-            or max(d, dv) > 128 or p.q.element_size() == 1):
+            or max(d, dv) > 128):
         return cfg
     n_blocks = cdiv(max(p.max_seqlen_k, 1), 128)
 
@@ -137,15 +134,11 @@ def _smem_bytes(d, dv, block_n, stages, elem=2, block_m=2 * WG_ROWS):
     return elem * (block_m * d + stages * block_n * (d + dv))
 
 
-def staging_fits(d: int, dv: int, cfg: WsConfig, out_row_bytes: int, in_bytes: int = 2) -> bool:
-    """Room for the TMA-store epilogue's block_m output rows (out_row_bytes each) next to Q and
-    the K/V ring (inputs of `in_bytes` bytes)."""
-    return (_smem_bytes(d, dv, cfg.block_n, cfg.num_stages, in_bytes, cfg.block_m) + cfg.block_m * out_row_bytes
+def staging_fits(d: int, dv: int, cfg: WsConfig, out_row_bytes: int) -> bool:
+    """Room for the TMA-store epilogue's block_m output rows (out_row_bytes each) next to Q and the
+    K/V ring."""
+    return (_smem_bytes(d, dv, cfg.block_n, cfg.num_stages, block_m=cfg.block_m) + cfg.block_m * out_row_bytes
             <= SMEM_MAX)
-
-
-# FP8 attention (e4m3 q, k and v) on the Gluon kernel: the head dims compiled and checked for it
-FP8_HEAD_DIMS = ((64, 64), (128, 128))
 
 
 def head_dims_supported(d: int, dv: int) -> bool:

@@ -24,7 +24,7 @@ from ..constants import WG_ROWS_C as WG_ROWS
 from .epilogue import _nan_max, tile_epilogue
 from .record import record
 from .scheduler import PINGPONG_BARRIER0, named_barrier
-from .softmax import MASK_FROM_N_FULL, fp8_operand, rescale_o, softmax_step
+from .softmax import MASK_FROM_N_FULL, rescale_o, softmax_step
 
 
 @record
@@ -87,38 +87,6 @@ class Splits:
         return acc, m_i, l_i
 
 
-@record
-class Descales:
-    """FP8 attention's dequant scales (float32; strides per batch and KV head, 0 for one element):
-    the real Q, K, V are the stored e4m3 values times these. Q's and K's fold into the tile's
-    score scale, V's into the epilogue's 1 / rowsum (the portable kernel's arithmetic); each
-    is read once a tile, only where its HAS_*_DESCALE is set."""
-
-    q: gl.tensor
-    k: gl.tensor
-    v: gl.tensor
-    stride_qb: gl.tensor
-    stride_qh: gl.tensor
-    stride_kb: gl.tensor
-    stride_kh: gl.tensor
-    stride_vb: gl.tensor
-    stride_vh: gl.tensor
-
-    @gluon.jit
-    def qk(self, b, hkv, cfg):
-        """q_descale x k_descale of (batch b, KV head hkv), 1 for those not given."""
-        s = gl.to_tensor(1.0)
-        if cfg.HAS_Q_DESCALE:
-            s = s * gl.load(self.q + b.to(gl.int64) * self.stride_qb + hkv.to(gl.int64) * self.stride_qh)
-        if cfg.HAS_K_DESCALE:
-            s = s * gl.load(self.k + b.to(gl.int64) * self.stride_kb + hkv.to(gl.int64) * self.stride_kh)
-        return s
-
-    @gluon.jit
-    def v_of(self, b, hkv):
-        return gl.load(self.v + b.to(gl.int64) * self.stride_vb + hkv.to(gl.int64) * self.stride_vh)
-
-
 @gluon.jit
 def _partial_offsets(acc, m_i, DV: gl.constexpr):
     """Offsets of a partial result inside its slot of WG_ROWS * (DV + 2) floats: O's rows, then
@@ -133,9 +101,8 @@ def _partial_offsets(acc, m_i, DV: gl.constexpr):
 @gluon.jit
 def consumer(args, WG: gl.constexpr):
     """One warpgroup: rows WG*64 .. +64 of each unit the producer publishes, until the stop id.
-    args: (KernelConfig, Schedule, TileIds, QTiles, KVRing, Outputs, Splits, qk_scale[, Descales: FP8])."""
-    cfg = args[0]
-    sched, tile_ids, qs, kv, outs, splits, qk_scale = args[1:8]
+    args: (KernelConfig, Schedule, TileIds, QTiles, KVRing, Outputs, Splits, qk_scale)."""
+    cfg, sched, tile_ids, qs, kv, outs, splits, qk_scale = args
     g = 0  # key blocks consumed so far (the producer's ring counter)
     i = 0  # units done
     if cfg.PINGPONG and WG == 1:  # warpgroup 0 issues first
@@ -143,14 +110,7 @@ def consumer(args, WG: gl.constexpr):
     unit = tile_ids.read(WG)
     while unit < sched.num_units:
         t = sched.tile(unit, cfg)
-        if cfg.FP8:  # q/k descales of the tile's (batch, KV head), folded into its score scale
-            tile_scale = qk_scale * args[8].qk(t.b, t.h // cfg.GROUP, cfg)
-        else:
-            tile_scale = qk_scale
-        acc, m_i, l_i = consumer_tile(cfg, qs, kv, t, g, i, tile_scale, WG)
-        v_descale = None
-        if cfg.FP8 and cfg.HAS_V_DESCALE:  # (read after the key blocks: a register less through their loop)
-            v_descale = args[8].v_of(t.b, t.h // cfg.GROUP)
+        acc, m_i, l_i = consumer_tile(cfg, qs, kv, t, g, i, qk_scale, WG)
         if cfg.SPLIT_TAIL:
             # The last part of a split tile merges the other parts' partial results and writes the
             # output (a whole tile is part 0 of 1: nothing to merge); the parts before it leave
@@ -159,11 +119,11 @@ def consumer(args, WG: gl.constexpr):
             slot0 = t.split_idx * (sched.split_parts - 1) * cfg.NUM_CONSUMERS + WG
             if t.part + 1 == t.parts:
                 acc, m_i, l_i = splits.merge(acc, m_i, l_i, slot0, t.parts - 1, cfg.DV, cfg.NUM_CONSUMERS)
-                tile_epilogue(acc, m_i, l_i, outs, t, cfg, WG, v_descale)
+                tile_epilogue(acc, m_i, l_i, outs, t, cfg, WG)
             else:
                 splits.store(acc, m_i, l_i, slot0 + t.part * cfg.NUM_CONSUMERS, cfg.DV)
         else:
-            tile_epilogue(acc, m_i, l_i, outs, t, cfg, WG, v_descale)
+            tile_epilogue(acc, m_i, l_i, outs, t, cfg, WG)
         g += t.j_hi - t.j_lo
         i += 1
         unit = tile_ids.read(WG)
@@ -230,11 +190,8 @@ def consumer_tile(cfg, qs, kv, t, g0, i, qk_scale, WG: gl.constexpr):
         g_last = gb + j_hi - 1  # V_{g_last} is in slot g_last + 1, released by the next unit's first block
         mbarrier.wait(kv.v_ready.index((g_last + 1) % cfg.NUM_STAGES), (g_last // cfg.NUM_STAGES) & 1)
         acc = rescale_o(acc, alpha, cfg.LAZY_RESCALE)
-        if cfg.FP8:
-            p_op, v_op = fp8_pv_operands(p, kv, (g_last + 1) % cfg.NUM_STAGES)
-        else:
-            p_op, v_op = gl.convert_layout(p, cfg.P_LAYOUT), kv.v.index((g_last + 1) % cfg.NUM_STAGES)
-        o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+        o_tok = warpgroup_mma(gl.convert_layout(p, cfg.P_LAYOUT), kv.v.index((g_last + 1) % cfg.NUM_STAGES), acc,
+                              is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
     else:
         st = (acc, m_i, l_i)
@@ -258,17 +215,6 @@ def issue_qk(q, kv, slot, s_zero, cfg):
 
 
 @gluon.jit
-def fp8_pv_operands(p, kv, slot):
-    """FP8 attention's PV wgmma operands: P in e4m3 from the softmax's fp16 P, already in P_LAYOUT
-    (softmax.fp8_key_order), and V from ring slot `slot`. An 8-bit wgmma takes B K-major only
-    (keys contiguous): the slots hold V^T [DV, BLOCK_N] (the host's transposed copy,
-    launch.transposed_v), read through a transposed view. (The 16-bit kernels' call sites
-    convert P and read V [BLOCK_N, DV] as stored, Dv contiguous, inline: a helper's inlined
-    scope adds debug labels to their PTX, which moved ptxas's schedule.)"""
-    return fp8_operand(p), kv.v.index(slot).permute((1, 0))
-
-
-@gluon.jit
 def pipelined_block(g, j, st, q, kv, rows, cfg, WG: gl.constexpr, MASKED: gl.constexpr):
     """One step of the consumer loop, key block j of the tile (g of the CTA): S_j = Q K_j^T
     and O += P_{j-1} V_{j-1} in flight together, the softmax of S_j under the PV. st: (O, P of
@@ -285,26 +231,15 @@ def pipelined_block(g, j, st, q, kv, rows, cfg, WG: gl.constexpr, MASKED: gl.con
     # O's rescale by the last block's alpha runs while S_j is on the tensor cores (FA3's order)
     mbarrier.wait(kv.v_ready.index(slot), ((g - 1) // cfg.NUM_STAGES) & 1)
     acc = rescale_o(acc, alpha, cfg.LAZY_RESCALE)
-    if cfg.FP8:
-        p_op, v_op = fp8_pv_operands(p, kv, slot)
-    else:
-        p_op, v_op = gl.convert_layout(p, cfg.P_LAYOUT), kv.v.index(slot)
-    o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+    p_op = gl.convert_layout(p, cfg.P_LAYOUT)
+    o_tok = warpgroup_mma(p_op, kv.v.index(slot), acc, is_async=True)
     # S_j done; PV_{j-1} may still run. Its A operand (P_{j-1} in registers) rides
     # through both waits as a dependency: otherwise it is dead to the register allocator
     # once issued, the softmax below reuses its registers, and ptxas has to wait for the
     # PV before the softmax (seen in SASS).
-    if cfg.FP8:
-        # Triton 3.6 cannot pass 8-bit values through a wgmma wait (LLVM ERROR: unexpected
-        # bitwidth). In the causal d=128 loop ptxas places the PV wait ahead of the exp2s either
-        # way, as in the 16-bit kernel's loop; the non-causal loops are not checked yet.
-        s = warpgroup_mma_wait(1, deps=(s_tok,))
-        p, m_i, l_i, alpha = softmax_step(s, m_i, l_i, j, rows, cfg, MASKED)
-        acc = warpgroup_mma_wait(0, deps=(o_tok,))
-    else:
-        s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
-        p, m_i, l_i, alpha = softmax_step(s, m_i, l_i, j, rows, cfg, MASKED)
-        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+    s, p_op = warpgroup_mma_wait(1, deps=(s_tok, p_op))
+    p, m_i, l_i, alpha = softmax_step(s, m_i, l_i, j, rows, cfg, MASKED)
+    acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
     mbarrier.arrive(kv.empty.index(slot))  # K_g and V_{g-1} consumed
     return acc, p, m_i, l_i, alpha
 
@@ -325,10 +260,6 @@ def serial_block(g, j, st, q, kv, rows, cfg, MASKED: gl.constexpr):
     acc = rescale_o(acc, alpha, cfg.LAZY_RESCALE)
     v_slot = (g + 1) % cfg.NUM_STAGES  # V_g (see pipeline.producer)
     mbarrier.wait(kv.v_ready.index(v_slot), (g // cfg.NUM_STAGES) & 1)
-    if cfg.FP8:
-        p_op, v_op = fp8_pv_operands(p, kv, v_slot)
-    else:
-        p_op, v_op = gl.convert_layout(p, cfg.P_LAYOUT), kv.v.index(v_slot)
-    o_tok = warpgroup_mma(p_op, v_op, acc, is_async=True)
+    o_tok = warpgroup_mma(gl.convert_layout(p, cfg.P_LAYOUT), kv.v.index(v_slot), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok,))
     return acc, m_i, l_i

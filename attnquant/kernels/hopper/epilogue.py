@@ -115,10 +115,9 @@ class RowsOut:
 
 
 @gluon.jit
-def tile_epilogue(acc, m_i, l_i, outs, t, cfg, WG: gl.constexpr, v_descale=None):
+def tile_epilogue(acc, m_i, l_i, outs, t, cfg, WG: gl.constexpr):
     """One warpgroup's 64 rows of tile `t` out: O / rowsum in the output format, and the LSE. A
-    row that saw no key writes 0 and LSE -inf (with a sink: 0 and the sink's logit). v_descale
-    (FP8 attention): V's dequant scale, a factor of O (into 1 / rowsum, before the format)."""
+    row that saw no key writes 0 and LSE -inf (with a sink: 0 and the sink's logit)."""
     o_layout: gl.constexpr = acc.type.layout
     s_rows: gl.constexpr = m_i.type.layout
     (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, stride_bsb, stride_bss, stride_bsh, stride_bsg,
@@ -131,8 +130,6 @@ def tile_epilogue(acc, m_i, l_i, outs, t, cfg, WG: gl.constexpr, v_descale=None)
     inv_l = gl.where(seen, 1.0 / gl.where(seen, l_i, 1.0), 0.0)
     if cfg.HAS_SINKS:
         inv_l = inv_l * alpha
-    if v_descale is not None:
-        inv_l = inv_l * v_descale
     rows = WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, o_layout))
     row_ok = t.m0 + rows < t.seqlen_q
     out_row0 = t.b.to(gl.int64) * stride_ob + tok0 * stride_os + t.h.to(gl.int64) * stride_oh

@@ -13,11 +13,6 @@ A tile is BLOCK_M = NUM_CONSUMERS x 64 query rows of one (batch, query head) aga
 head's KV head; the grid is persistent (one CTA per SM, config.schedule plans it on the host).
 Keys are walked low to high; blocks from `n_full` on get the causal / sequence-end mask, the
 others none.
-
-FP8 attention (e4m3 Q/K/V descriptors, batched calls): both GEMMs are FP8 wgmmas accumulating in
-fp32; V arrives as V^T (the host's copy, keys contiguous: an 8-bit B operand must be K-major),
-P goes to e4m3 in a key order that needs no shuffles (softmax.fp8_key_order), and the q/k/v
-descales fold into the score scale and the final 1 / rowsum.
 """
 
 from triton.experimental import gluon
@@ -26,7 +21,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.language.core import _aggregate as aggregate
 
 from ..constants import WG_ROWS
-from .consumer import Descales, Splits, consumer
+from .consumer import Splits, consumer
 from .epilogue import Outputs, stash_strides, stash_strides_applies
 from .pipeline import KVRing, Loads, QTiles, producer
 from .scheduler import Schedule, TileIds
@@ -62,47 +57,33 @@ class KernelConfig:
     SPLIT_TAIL: gl.constexpr
     BLOCK_M: gl.constexpr
     STASH_STRIDES: gl.constexpr
-    HAS_Q_DESCALE: gl.constexpr
-    HAS_K_DESCALE: gl.constexpr
-    HAS_V_DESCALE: gl.constexpr
     S_LAYOUT: gl.constexpr  # a warpgroup's S = Q K^T accumulator (64 x BLOCK_N)
     O_LAYOUT: gl.constexpr  # its O accumulator (64 x DV)
     P_LAYOUT: gl.constexpr  # P as the PV wgmma's A operand, in registers
-    DTYPE: gl.constexpr  # Q/K/V's dtype, P's too: 16-bit, or e4m3 (FP8 attention)
-    FP8: gl.constexpr  # FP8 attention: e4m3 Q/K/V and P, V in shared memory as V^T (keys contiguous)
+    DTYPE: gl.constexpr  # Q/K/V's 16-bit dtype, P's too
 
     @gluon.constexpr_function
     def __init__(self, GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, NUM_CONSUMERS, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
                  HAS_SINKS, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, LAZY_RESCALE, INTRA_OVERLAP, SPLIT_TAIL,
-                 HAS_Q_DESCALE, HAS_K_DESCALE, HAS_V_DESCALE, DTYPE):
+                 DTYPE):
         for name, value in list(locals().items()):
             if name != "self":
                 setattr(self, name, gl.constexpr(value.value if isinstance(value, gl.constexpr) else value))
         self.BLOCK_M = gl.constexpr(NUM_CONSUMERS * WG_ROWS)
         self.STASH_STRIDES = gl.constexpr(stash_strides_applies(NUM_CONSUMERS, OUT_KIND))
-        dtype = DTYPE.value if isinstance(DTYPE, gl.constexpr) else DTYPE
-        self.FP8 = gl.constexpr(dtype.primitive_bitwidth == 8)
-        # A wgmma's K step is 32 bytes: 16 elements of 16 bits, 32 of 8; an 8-bit A operand in
-        # registers holds 4 consecutive K elements a 32-bit register (k_width), a 16-bit one 2.
-        k_instr = 256 // dtype.primitive_bitwidth
         self.S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, BLOCK_N, k_instr]))
+                                                               instr_shape=[16, BLOCK_N, 16]))
         self.O_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, DV, k_instr]))
-        self.P_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.O_LAYOUT.value,
-                                                         k_width=32 // dtype.primitive_bitwidth))
+                                                               instr_shape=[16, DV, 16]))
+        self.P_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=self.O_LAYOUT.value, k_width=2))
 
 
-# (the descale strides are 1 or 0 for common layouts: specialized, they would become constexprs
-# that the Descales record cannot hold, and a recompile for each layout)
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section", "split_from", "split_parts", "stride_qdb",
-                              "stride_qdh", "stride_kdb", "stride_kdh", "stride_vdb", "stride_vdh"])
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "batch", "section", "split_from", "split_parts"])
 def attn_fwd_ws_kernel(
     q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, Out, Lse, OutScale, BlockScale, CuSeqlensQ, CuSeqlensK, TileCounter,
     Partials, Sinks, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
     stride_bsb, stride_bss, stride_bsh, stride_bsg, stride_sink,
     seqlen_q, seqlen_k, batch, num_heads, section, split_from, split_parts, qk_scale,
-    QDescale, KDescale, VDescale, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
     GROUP: gl.constexpr, DA: gl.constexpr, DB: gl.constexpr, DV: gl.constexpr,
     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
     VARLEN: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
@@ -110,24 +91,19 @@ def attn_fwd_ws_kernel(
     OUT_KIND: gl.constexpr, FP8_MAX: gl.constexpr, GROUP_SIZE: gl.constexpr, UE8M0: gl.constexpr,
     TMA_STORE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     LAZY_RESCALE: gl.constexpr = False, INTRA_OVERLAP: gl.constexpr = True,
-    SPLIT_TAIL: gl.constexpr = False, HAS_Q_DESCALE: gl.constexpr = False, HAS_K_DESCALE: gl.constexpr = False,
-    HAS_V_DESCALE: gl.constexpr = False,
+    SPLIT_TAIL: gl.constexpr = False,
 ):
     """Grid: (number of CTAs,); seqlen_q / seqlen_k are the (max) lengths, `section` the
     batch*heads per L2 section, TileCounter int32 zeros: [0] counts the units handed out past
     the first grid's worth, [1 + slot] flags a partial result; the kernel leaves them zero again.
     A grid of one CTA per tile is the non-persistent kernel. SPLIT_TAIL: the tiles from
     split_from on run as split_parts units each, over shares of the keys, merged through
-    Partials (fp32, a slot of 64 x (DV + 2) per warpgroup and part before the last).
-    FP8 attention (e4m3 q/k/v descriptors, batched): v_desc reads V^T, (B * Hkv * DV, keys padded
-    to 16) with the keys contiguous and reordered within groups of 16 (launch.transposed_v); the descales (float32, (B, Hkv) strides, or 0 for one
-    element) are read when their HAS_*_DESCALE is set."""
+    Partials (fp32, a slot of 64 x (DV + 2) per warpgroup and part before the last)."""
     gl.static_assert(NUM_CONSUMERS == 2 or (NUM_CONSUMERS == 3 and not PINGPONG), "2 consumers, or 3 without ping-pong")
     gl.static_assert(INTRA_OVERLAP or (NUM_STAGES >= 2 and not PINGPONG), "INTRA_OVERLAP off: 2+ stages, no ping-pong")
-    gl.static_assert(q_desc.dtype.primitive_bitwidth == 16 or not VARLEN, "FP8 attention: batched inputs only")
     cfg = KernelConfig(GROUP, DA, DB, DV, BLOCK_N, NUM_STAGES, NUM_CONSUMERS, VARLEN, CAUSAL, PINGPONG, STORE_LSE,
                        HAS_SINKS, OUT_KIND, FP8_MAX, GROUP_SIZE, UE8M0, TMA_STORE, LAZY_RESCALE, INTRA_OVERLAP,
-                       SPLIT_TAIL, HAS_Q_DESCALE, HAS_K_DESCALE, HAS_V_DESCALE, q_desc.dtype)
+                       SPLIT_TAIL, q_desc.dtype)
     num_m = gl.cdiv(seqlen_q, cfg.BLOCK_M)
     num_bh = batch * num_heads
     num_units = num_m * num_bh
@@ -177,12 +153,7 @@ def attn_fwd_ws_kernel(
     loads = Loads(q_desc, qb_desc, k_desc, kb_desc, v_desc)
     # The default partition (the kernel's 4 warps) is consumer 0; the other consumers are 4-warp
     # workers, the producer a 1-warp worker.
-    if cfg.FP8:  # (the 16-bit kernels' partitions capture nothing more)
-        descales = Descales(QDescale, KDescale, VDescale, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb,
-                            stride_vdh)
-        args = (cfg, sched, tile_ids, qs, kv, outs, splits, qk_scale, descales)
-    else:
-        args = (cfg, sched, tile_ids, qs, kv, outs, splits, qk_scale)
+    args = (cfg, sched, tile_ids, qs, kv, outs, splits, qk_scale)
     work = (cfg, sched, tile_ids, loads, qs, kv, TileCounter)
     if NUM_CONSUMERS == 3:
         gl.warp_specialize([(consumer, (args, 0)), (consumer, (args, 1)), (consumer, (args, 2)), (producer, work)],

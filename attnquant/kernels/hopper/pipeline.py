@@ -20,8 +20,7 @@ from .record import record
 
 @record
 class Loads:
-    """The TMA descriptors: Q, K as one or two column tiles (D = DA + DB: 192 = 128 + 64), V (FP8
-    attention: V^T, (B * Hkv * Dv, padded keys), launch.transposed_v)."""
+    """The TMA descriptors: Q, K as one or two column tiles (D = DA + DB: 192 = 128 + 64), V."""
 
     q: tma.tensor_descriptor
     qb: tma.tensor_descriptor
@@ -96,13 +95,8 @@ def producer(cfg, sched, tile_ids, loads, qs, kv, TileCounter):
                 v_slot = (gj + 1) % cfg.NUM_STAGES
                 mbarrier.wait(kv.empty.index(v_slot), (((gj + 1) // cfg.NUM_STAGES) & 1) ^ 1)  # V_{g-S} released
                 mbarrier.expect(kv.v_ready.index(v_slot), loads.v.block_type.nbytes)
-                if cfg.FP8:  # V^T's [DV, BLOCK_N] tile: the (batch, KV head)'s DV rows, the block's keys
-                    v_row = (t.b * (sched.num_heads // cfg.GROUP) + t.h // cfg.GROUP) * cfg.DV
-                    tma.async_copy_global_to_shared(loads.v, [v_row, j * cfg.BLOCK_N], kv.v_ready.index(v_slot),
-                                                    kv.v.index(v_slot))
-                else:
-                    tma.async_copy_global_to_shared(loads.v, [t.k_row + j * cfg.BLOCK_N, v_col],
-                                                    kv.v_ready.index(v_slot), kv.v.index(v_slot))
+                tma.async_copy_global_to_shared(loads.v, [t.k_row + j * cfg.BLOCK_N, v_col], kv.v_ready.index(v_slot),
+                                                kv.v.index(v_slot))
             g += t.j_hi - t.j_lo
             i += 1
         fetched = gl.atomic_add(TileCounter, 1)

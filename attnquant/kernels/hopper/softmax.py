@@ -1,6 +1,5 @@
 """The consumers' online softmax, in the log2 domain: one key block's scores to P (16-bit, the
-PV wgmma's A operand; FP8 attention: fp16 in the 8-bit operand's layout, keys reordered, made
-e4m3 where the wgmma is issued), the running row maximum and sum, and O's rescale.
+PV wgmma's A operand), the running row maximum and sum, and O's rescale.
 
 Scores come straight from the QK^T wgmma (fp32, the wgmma accumulator layout); the softmax
 scale times log2(e) is folded into one multiply-add before exp2. The running max follows FA4's
@@ -47,8 +46,8 @@ def mask_scores(s, j, rows, cfg):
 @gluon.jit
 def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
     """Online softmax of score block j (the rows' WgRows): returns (p, m_new, l_new, alpha) with
-    p = exp2(s * qk_scale - m) in the inputs' dtype (16-bit: half the registers of fp32 while it
-    waits for its PV; FP8 attention: e4m3, a quarter; the row sum adds the unrounded p), alpha = exp2(m_old - m) (0-safe for rows with no key yet).
+    p = exp2(s * qk_scale - m) in the inputs' 16-bit dtype (half the registers of fp32 while it
+    waits for its PV), alpha = exp2(m_old - m) (0-safe for rows with no key yet).
     LAZY_RESCALE (FA4's conditional rescale): m moves only when the block's maximum passes it
     by more than RESCALE_LOG2, so p <= 2^RESCALE_LOG2 (exact enough in 16 bits, no overflow in
     fp32) and alpha is exactly 1 on most blocks, whose O rescale is then skipped (rescale_o)."""
@@ -80,10 +79,7 @@ def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
     p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
     l_new = l_i * alpha + gl.sum(p, 1)
-    if cfg.FP8:  # e4m3 P for the FP8 PV wgmma: p <= 2^RESCALE_LOG2 = 256 < 448, no saturation
-        return fp8_key_order(p, cfg.P_LAYOUT), m_new, l_new, alpha
-    else:
-        return pack_16bit(p, cfg.DTYPE), m_new, l_new, alpha
+    return pack_16bit(p, cfg.DTYPE), m_new, l_new, alpha
 
 
 @gluon.jit
@@ -134,37 +130,3 @@ def pack_16bit(x, dtype: gl.constexpr):
     else:
         return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.float16, is_pure=True,
                                          pack=2)
-
-
-@gluon.jit
-def fp8_key_order(p, P_LAYOUT: gl.constexpr):
-    """FP8 attention's P between the softmax and the PV wgmma: fp32 P [rows, keys] (the S
-    accumulator layout) -> fp16 P in P_LAYOUT (the 8-bit wgmma A operand's: 4 keys a thread
-    holds together), its keys reordered within each group of 16 the way the host orders V^T's
-    (launch.transposed_v): P'[:, 16c + 4t + 2h + e] = P[:, 16c + 8h + 2t + e].
-    The S accumulator gives thread t of a quad keys 2t, 2t + 1, 8 + 2t, 9 + 2t of every 16; the
-    A operand wants keys 4t .. 4t + 3 of a row in one register. Taking the keys in the order the
-    thread holds them (V's rows permuted to match: the PV product sums over keys in any order)
-    makes the layout conversion a register renaming: no shuffles across the quad (in the natural
-    order: 16 SHFL and ~100 PRMT/SEL a key block).
-    fp16, not e4m3, while P waits for the next step's PV (fp8_operand converts it there): PTX
-    has no 8-bit registers, and an e4m3 tensor carried across the loop's back edge costs ~200
-    PRMT/LOP3 a key block to unpack and pack its bytes again, where 16-bit halves pack for free.
-    p <= 2^RESCALE_LOG2 = 256: exact enough in fp16, and no e4m3 saturation (448)."""
-    rows: gl.constexpr = p.shape[0]
-    groups: gl.constexpr = p.shape[1] // 16
-    p = gl.reshape(gl.permute(gl.reshape(p, [rows, groups, 2, 4, 2]), (0, 1, 3, 2, 4)), [rows, groups * 16])
-    return pack_16bit(gl.convert_layout(p, P_LAYOUT), gl.float16)
-
-
-# fp16 x 4 (two f16x2 registers: four consecutive keys of one row) -> 4 e4m3 codes in one register,
-# the first key in the low byte: one register of the 8-bit wgmma A operand
-_E4M3X4_ASM = gl.constexpr("{ .reg .b16 lo, hi;\n cvt.rn.satfinite.e4m3x2.f16x2 lo, $1;\n"
-                           " cvt.rn.satfinite.e4m3x2.f16x2 hi, $2;\n mov.b32 $0, {lo, hi}; }")
-
-
-@gluon.jit
-def fp8_operand(p):
-    """fp16 P (fp8_key_order) -> e4m3, in place of the PV wgmma's A operand registers (two cvt and a
-    pack a register, in the block that issues the wgmma)."""
-    return gl.inline_asm_elementwise(_E4M3X4_ASM, "=r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
