@@ -2,8 +2,8 @@
 (with the sink folded in), and the LSE. The formats' arithmetic is the portable epilogue's
 (kernels/epilogue.py: its element-wise helpers compiled as Gluon functions here); what
 differs is the data movement. Whole 64-row tiles leave through shared memory and a TMA store
-(TMA_STORE), FP8 as code pairs; a tile cut by its sequence's end, and NVFP4, store from
-registers.
+(TMA_STORE), FP8 as code pairs, NVFP4 as its packed code bytes; a tile cut by its sequence's
+end stores from registers.
 """
 
 import struct
@@ -101,7 +101,8 @@ class RowsOut:
     """Where one warpgroup's 64 rows of a tile go: per row, its output offset, whether it is
     inside the sequence, its block-scale offset (NVFP4: its token index); the tile's head and
     the block scales' group stride; whether all 64 rows are inside (TMA_STORE: the staging tile
-    `o_smem` goes to rows o_row.., columns o_col.. of the 2-D (tokens, heads * DV) view)."""
+    `o_smem` goes to rows o_row.., columns o_col.. of the 2-D (tokens, heads * DV) view; NVFP4:
+    heads * DV / 2 bytes)."""
 
     out_rows: gl.tensor
     row_ok: gl.tensor
@@ -187,8 +188,8 @@ def store_output(acc, row_factor, dst, outs, cfg, layout: gl.constexpr):
     column ranges, DV / GROUP_SIZE of them; NVFP4's 16-channel blocks and channel pairs are
     reshapes of the accumulator layout, whose threads hold adjacent column pairs and whose
     quads hold 8 consecutive columns (the block maximum is a quad shuffle, no shared memory).
-    NVFP4's bytes go out from registers. With TMA_STORE a whole tile (all its rows inside the
-    sequence) goes to shared memory and from there by TMA to the output (row stores of 2-byte
+    With TMA_STORE a whole tile (all its rows inside the sequence; NVFP4: its packed bytes) goes
+    to shared memory and from there by TMA to the output (row stores of 2-byte
     pieces at the head stride cost the load/store unit ~8 sectors per instruction; a TMA store
     writes whole lines)."""
     DV: gl.constexpr = cfg.DV
