@@ -208,7 +208,7 @@ def fp8_attention_table():
           f"{'nvfp4':>7} {'speedup fp8 out':>15}")
     for name, q, k, v, causal, scale, flops in prefill_cases():
         if q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
-            continue  # (the Gluon kernel's FP8 path: D = Dv = 64 or 128)
+            continue  # (the head dims FP8 attention on the Gluon kernel takes first: issue 25)
         cell = lambda us: f"{us:6.0f} ({flops / us * 1e-6:4.0f} TF)"  # noqa: E731
         qq, kq, vq, descales = fp8_inputs(q, k, v)
         fmts = ("bf16", "fp8", "nvfp4")
@@ -251,17 +251,15 @@ def fp8_accuracy_table():
     quantization and a Hadamard rotation)."""
     from .reference import attention_ref_batched
     print("\nFP8 attention accuracy (relative RMSE against float64 of the bf16 inputs, FA3's distribution)")
-    print(f"{'case':<18} {'bf16 in':>9} {'fp8 in (auto)':>14} {'fp8 in, portable':>17}")
+    print(f"{'case':<18} {'bf16 in':>9} {'fp8 in':>9}")
     for name, b, s, h, hkv, d, causal in FP8_ACCURACY:
         q, k, v = fa3_inputs(b, s, h, hkv, d)
         ref, _ = attention_ref_batched(q.double(), k.double(), v.double(), causal=causal)
         qq, kq, vq, descales = fp8_inputs(q, k, v)
-        errs = [rel_rmse(aq.flash_attn_func(q, k, v, causal=causal)[0], ref)]
-        for backend in ("auto", "triton"):
-            o = aq.flash_attn_func(qq, kq, vq, causal=causal, backend=backend, **descales)[0]
-            errs.append(rel_rmse(o, ref))
+        errs = [rel_rmse(aq.flash_attn_func(q, k, v, causal=causal)[0], ref),
+                rel_rmse(aq.flash_attn_func(qq, kq, vq, causal=causal, **descales)[0], ref)]
         RESULTS.setdefault("fp8_accuracy", {})[name] = errs
-        print(f"{name:<18} {errs[0]:9.2e} {errs[1]:14.2e} {errs[2]:17.2e}", flush=True)
+        print(f"{name:<18} {errs[0]:9.2e} {errs[1]:9.2e}", flush=True)
 
 
 def paged(cache, page, gen=None):

@@ -57,7 +57,7 @@ def softmax_step(s, m_i, l_i, j, rows, cfg, MASKED: gl.constexpr):
     # spec.md "Known limits"). In the serial loop S, O and the max tree's first level (32
     # temporaries) do not fit the 160 registers a thread has together: its unmasked blocks stop the
     # tree after two levels (spill-free in every variant; the masked loop keeps the full tree).
-    TREE: gl.constexpr = 99 if cfg.INTRA_OVERLAP or MASKED else 2
+    TREE: gl.constexpr = None if cfg.INTRA_OVERLAP or MASKED else 2
     qk_scale = rows.qk_scale
     if MASKED == MASK_FROM_N_FULL:
         # The row max of the unmasked scores first, recomputed in the masked branch: with the
@@ -104,16 +104,17 @@ def rescale_o(acc, alpha, LAZY_RESCALE: gl.constexpr):
 
 
 @gluon.jit
-def row_max(s, LEVELS: gl.constexpr = 99):
+def row_max(s, LEVELS: gl.constexpr = None):
     """gl.max(s, 1) as a tree: Triton reduces a thread's 32 values of a row in one chain of
     dependent max instructions (SASS: FMNMX x31 ahead of every exp2 of the block). Here the
     column halves are maxed elementwise while the halving bit is a register bit of the wgmma
     layout (columns 8 and up), then gl.max finishes the last 8 columns (one register pair,
     two quad shuffles): the same 31 instructions, 6 deep instead of 31. LEVELS: at most this
-    many halvings (each level's temporaries are registers too)."""
+    many halvings (each level's temporaries are registers too); None: all of them."""
     n: gl.constexpr = s.shape[1]
     row_layout: gl.constexpr = gl.SliceLayout(1, s.type.layout)
-    for _ in gl.static_range(gl.constexpr(min(LEVELS, n.bit_length() - 4))):  # n -> 8 at most
+    halvings: gl.constexpr = n.bit_length() - 4 if LEVELS is None else min(LEVELS, n.bit_length() - 4)
+    for _ in gl.static_range(halvings):  # n -> 8 at most
         a, b = gl.split(gl.permute(gl.reshape(s, [s.shape[0], 2, s.shape[1] // 2]), (0, 2, 1)))
         s = gl.maximum(a, b)
     return gl.convert_layout(gl.max(s, 1), row_layout)  # (the same rows to the same threads: no data moves)
