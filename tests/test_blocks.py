@@ -111,9 +111,10 @@ def test_group_block(dtype, dims, heads, causal):
 @GPU_ONLY
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_group_scale_layouts(tokens):
-    """The activation-scale layouts a user may hold: the GEMM's column-major (tokens stride 1,
-    columns stride = tokens) works, DeepGEMM's TMA-padded column-major works where the padding
-    is none (tokens % 4 == 0) and is otherwise refused by name, row-major is refused."""
+    """The activation-scale layouts a user may hold all reach the GEMM with the right values:
+    the GEMM's column-major (read in place when tokens % 4 == 0), DeepGEMM's TMA-padded
+    column-major and row-major (copied); token counts that are not a multiple of 4 (padded);
+    and K / 128 = 2 weight blocks, whose scales cuBLAS reads with a leading dimension padded to 4."""
     h, dv, n = 2, 128, 256
     q, k, v, w = inputs(torch.bfloat16, h, h, 128, dv, n, sizes=(1, tokens, 50))
     o_ref, _ = attention_ref_batched(q, k, v)
@@ -125,14 +126,45 @@ def test_group_scale_layouts(tokens):
                "row_major": torch.empty(tokens, cols, device=DEVICE)}
     for name, scales in layouts.items():
         o, _ = blocks.flash_attn_func(q, k, v, out_dtype=FP8, output_block_scale=scales.view(1, tokens, cols))
-        accepted = tokens == 1 or scales.stride() == (1, tokens)
-        if accepted:
-            y = blocks.oproj_fp8(o, wq, scales.view(1, tokens, cols))
-            check_block(y, o_ref, w, name)
-            check_gemm_reads(y, o, scales.view(1, tokens, cols), wq, name)
-        else:
-            with pytest.raises(ValueError, match="act_scale must be column-major"):
-                blocks.oproj_fp8(o, wq, scales.view(1, tokens, cols))
+        y = blocks.oproj_fp8(o, wq, scales.view(1, tokens, cols))
+        check_block(y, o_ref, w, name)
+        check_gemm_reads(y, o, scales.view(1, tokens, cols), wq, name)
+    y = blocks.attention_oproj(q, k, v, wq)  # its own buffers, padded to whole groups of 4 rows
+    check_block(y, o_ref, w, "attention_oproj")
+
+
+@pytest.mark.parametrize("tokens", [1, 6, 8])
+@pytest.mark.parametrize("layout", ["gemm", "row_major"])
+def test_gemm_operands(tokens, layout):
+    """What oproj_fp8 hands cuBLAS: tokens padded to a multiple of 4 (zero codes, scale 1) and
+    the scales column-major, with the real rows' codes and scales unchanged; an input already
+    in that form passes through without a copy."""
+    k = 384
+    a = randn(tokens, k, dtype=torch.float32).to(FP8)
+    s = torch.rand(tokens, k // 128, device=DEVICE) + 0.5
+    s = s.t().contiguous().t() if layout == "gemm" else s.contiguous()
+    a2, s2, m = blocks.gemm_operands(a, s)
+    mp = -(-tokens // 4) * 4
+    assert m == tokens and a2.shape == (mp, k) and s2.shape == (mp, k // 128) and s2.stride() == (1, mp)
+    assert torch.equal(a2[:m].view(torch.uint8), a.view(torch.uint8)) and torch.equal(s2[:m], s)
+    assert (a2[m:].float() == 0).all() and (s2[m:] == 1).all()
+    if mp == tokens and layout == "gemm":
+        assert a2.data_ptr() == a.data_ptr() and s2.data_ptr() == s.data_ptr()
+
+
+@pytest.mark.parametrize("k", [128, 256, 640, 1024])
+def test_weight_gemm_scale(k):
+    """The 128x128 weight scales as cuBLAS reads them: (round_up(K/128, 4), N/128) with strides
+    (1, round_up(K/128, 4)), holding scale[nb, kb] at [kb, nb]; a weight built by hand with
+    compact scales gets the same from a padded copy."""
+    n = 200
+    wq = blocks.quantize_weight_fp8(randn(n, k, dtype=torch.float32), block=True)
+    nb, kb = wq.scale.shape
+    lead = -(-kb // 4) * 4
+    for weight in (wq, blocks.FP8Weight(wq.data, wq.scale.contiguous())):
+        g = weight.gemm_scale()
+        assert g.shape == (lead, nb) and g.stride() == (1, lead)
+        assert torch.equal(g[:kb], wq.scale.t())
 
 
 def test_block_nan():
