@@ -22,7 +22,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 from ..constants import WG_ROWS_C as WG_ROWS
 from .epilogue import _nan_max, tile_epilogue
-from .record import record
+from ..record import record
 from .scheduler import PINGPONG_BARRIER0, named_barrier
 from .softmax import MASK_FROM_N_FULL, rescale_o, softmax_step
 

@@ -15,7 +15,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from .. import epilogue as _portable
 from ..constants import LN2_C as LN2, LOG2E_C as LOG2E, WG_ROWS_C as WG_ROWS
-from .record import record
+from ..record import record
 
 # The portable epilogue's element-wise helpers, compiled as Gluon functions: the saturation,
 # the rounding and the scale arithmetic are shared, not restated.

@@ -15,7 +15,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from ..constants import WG_ROWS_C as WG_ROWS
-from .record import record
+from ..record import record
 
 
 @record

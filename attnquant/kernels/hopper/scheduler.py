@@ -12,7 +12,7 @@ each, over shares of their key blocks (merged by the tile's last part, consumer.
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from .record import record
+from ..record import record
 
 # Hardware named barriers (ids Triton's own partition barriers do not use: it takes 0-3 here).
 # The consumers' ping-pong (FA3's warp-scheduler barriers): 2 x 128 threads each.

@@ -21,38 +21,94 @@ Scores live in the log2 domain: exp2 with softmax_scale * log2(e) folded in.
 
 import triton
 import triton.language as tl
+from triton.language.core import constexpr
 
 from ..constants import LN2_C as LN2, LOG2E_C as LOG2E
 from ..epilogue import add_sink, nan_if_inf, store_output
+from ..record import record, value
+
+
+@record
+class Tiles:
+    """The compiled variant's tile shape and key-side options, every field a constexpr: key
+    block, head-dim pieces (D = BLOCK_DA + BLOCK_DB; Dv = DV padded to BLOCK_DV), the K/V
+    address mode (paged and its page size, block pointers) and the score options."""
+
+    BLOCK_N: constexpr
+    BLOCK_DA: constexpr
+    BLOCK_DB: constexpr
+    DV: constexpr
+    BLOCK_DV: constexpr
+    PAGED: constexpr
+    PAGE_SIZE: constexpr
+    BLOCK_PTR: constexpr
+    WINDOW_LEFT: constexpr
+    WINDOW_RIGHT: constexpr
+    HAS_SOFTCAP: constexpr
+
+
+@record
+class KeySource:
+    """The K and V of one (batch, KV head) as the key-block loop reads them: base pointers (the
+    cache itself when paged, with this sequence's block-table row), row and page strides, the
+    in-block offsets of the pointer-tensor address mode, the head-dim column offsets, and the
+    sequence's key count."""
+
+    K: value
+    V: value
+    block_table: value
+    stride_kb: value
+    stride_ks: value
+    stride_vb: value
+    stride_vs: value
+    k_off: value
+    k2_off: value
+    v_off: value
+    offs_da: value
+    offs_db: value
+    offs_dv: value
+    seqlen_k: value
+
+
+@record
+class ScoreRule:
+    """How a q.k product becomes a log2-domain score and which keys a row sees: the scale
+    (softmax_scale * log2(e), descales folded in), softcap's two factors, the window bounds,
+    and q_diag[r] = query position of row r + seqlen_k - seqlen_q, the last key row r sees
+    under a causal mask (bottom-right alignment)."""
+
+    qk_scale: value
+    softcap_in: value
+    softcap_out: value
+    window_left: value
+    window_right: value
+    q_diag: value
 
 
 @triton.jit
-def _block_start(Base, BT_row, blk, seqlen_k, stride_b, stride_s,
-                 BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+def _block_start(base, stride_b, kv, blk, cfg):
     """(base, rows, row) locating key block `blk`: it starts `row` rows into the `rows`
     readable rows at `base`. Contiguous: the sequence. Paged (PAGE_SIZE >= BLOCK_N): the
     block's page, one table lookup; rows past seqlen_k in a page are cache memory,
     readable (their scores are masked)."""
-    start = blk * BLOCK_N
-    if PAGED:
-        page = tl.load(BT_row + start // PAGE_SIZE).to(tl.int64)
-        return Base + page * stride_b, PAGE_SIZE, start % PAGE_SIZE
+    start = blk * cfg.BLOCK_N
+    if cfg.PAGED:
+        page = tl.load(kv.block_table + start // cfg.PAGE_SIZE).to(tl.int64)
+        return base + page * stride_b, cfg.PAGE_SIZE, start % cfg.PAGE_SIZE
     else:
-        return Base, seqlen_k, start
+        return base, kv.seqlen_k, start
 
 
 @triton.jit
-def _gather_rows(BT_row, offs_n, seqlen_k, stride_b, stride_s, PAGE_SIZE: tl.constexpr):
+def _gather_rows(stride_b, stride_s, kv, offs_n, cfg):
     """Row offsets of keys offs_n when pages are smaller than a block: a per-key table gather."""
-    page = tl.load(BT_row + offs_n // PAGE_SIZE, mask=offs_n < seqlen_k, other=0).to(tl.int64)
-    return page * stride_b + (offs_n % PAGE_SIZE).to(tl.int64) * stride_s
+    page = tl.load(kv.block_table + offs_n // cfg.PAGE_SIZE, mask=offs_n < kv.seqlen_k, other=0).to(tl.int64)
+    return page * stride_b + (offs_n % cfg.PAGE_SIZE).to(tl.int64) * stride_s
 
 
 @triton.jit
-def _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_d, k_off,
-                  D_OFF: tl.constexpr, BLOCK_D: tl.constexpr, D_TOTAL: tl.constexpr,
-                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                  BLOCK_PTR: tl.constexpr):
+def _load_k_block(kv, blk, offs_n, offs_d, k_off, D_OFF: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, cfg):
     """K^T of key block `blk`, head-dim columns [D_OFF, D_OFF + BLOCK_D): (BLOCK_D, BLOCK_N).
 
     Three address modes. BLOCK_PTR: a block pointer on the block's rows, no per-element
@@ -61,101 +117,83 @@ def _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, o
     plus precomputed in-block offsets `k_off`, or a per-key gather for small pages.
     Under MASKED, keys past seqlen_k read as 0 (or as cache rows of the same page).
     """
-    if PAGED and PAGE_SIZE < BLOCK_N:
-        rows = _gather_rows(BT_row, offs_n, seqlen_k, stride_kb, stride_ks, PAGE_SIZE)
-        ptrs = K_base + rows[None, :] + offs_d[:, None]
+    if cfg.PAGED and cfg.PAGE_SIZE < cfg.BLOCK_N:
+        rows = _gather_rows(kv.stride_kb, kv.stride_ks, kv, offs_n, cfg)
+        ptrs = kv.K + rows[None, :] + offs_d[:, None]
         if MASKED:
-            return tl.load(ptrs, mask=(offs_n < seqlen_k)[None, :], other=0.0)
+            return tl.load(ptrs, mask=(offs_n < kv.seqlen_k)[None, :], other=0.0)
         return tl.load(ptrs)
-    base, n_rows, row = _block_start(K_base, BT_row, blk, seqlen_k, stride_kb, stride_ks, BLOCK_N, PAGED, PAGE_SIZE)
-    if BLOCK_PTR:
-        bp = tl.make_block_ptr(base, (D_TOTAL, n_rows), (1, stride_ks), (D_OFF, row), (BLOCK_D, BLOCK_N), (0, 1))
+    base, n_rows, row = _block_start(kv.K, kv.stride_kb, kv, blk, cfg)
+    if cfg.BLOCK_PTR:
+        bp = tl.make_block_ptr(base, (cfg.BLOCK_DA + cfg.BLOCK_DB, n_rows), (1, kv.stride_ks), (D_OFF, row),
+                               (BLOCK_D, cfg.BLOCK_N), (0, 1))
         if MASKED:
             return tl.load(bp, boundary_check=(1,), padding_option="zero")
         return tl.load(bp)
-    ptrs = base + tl.cast(row, tl.int64) * stride_ks + k_off
+    ptrs = base + tl.cast(row, tl.int64) * kv.stride_ks + k_off
     if MASKED:
-        return tl.load(ptrs, mask=(offs_n < seqlen_k)[None, :], other=0.0)
+        return tl.load(ptrs, mask=(offs_n < kv.seqlen_k)[None, :], other=0.0)
     return tl.load(ptrs)
 
 
 @triton.jit
-def _load_v_block(V_base, BT_row, blk, offs_n, seqlen_k, stride_vb, stride_vs, offs_dv, v_off,
-                  DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                  BLOCK_PTR: tl.constexpr):
+def _load_v_block(kv, blk, offs_n, MASKED: tl.constexpr, cfg):
     """V of key block `blk`: (BLOCK_N, BLOCK_DV), zero past DV and (MASKED) past seqlen_k."""
-    if PAGED and PAGE_SIZE < BLOCK_N:
-        rows = _gather_rows(BT_row, offs_n, seqlen_k, stride_vb, stride_vs, PAGE_SIZE)
-        ptrs = V_base + rows[:, None] + offs_dv[None, :]
+    if cfg.PAGED and cfg.PAGE_SIZE < cfg.BLOCK_N:
+        rows = _gather_rows(kv.stride_vb, kv.stride_vs, kv, offs_n, cfg)
+        ptrs = kv.V + rows[:, None] + kv.offs_dv[None, :]
     else:
-        base, n_rows, row = _block_start(V_base, BT_row, blk, seqlen_k, stride_vb, stride_vs, BLOCK_N, PAGED,
-                                         PAGE_SIZE)
-        if BLOCK_PTR:
-            bp = tl.make_block_ptr(base, (n_rows, DV), (stride_vs, 1), (row, 0), (BLOCK_N, BLOCK_DV), (1, 0))
-            if MASKED and PAGED:
+        base, n_rows, row = _block_start(kv.V, kv.stride_vb, kv, blk, cfg)
+        if cfg.BLOCK_PTR:
+            bp = tl.make_block_ptr(base, (n_rows, cfg.DV), (kv.stride_vs, 1), (row, 0), (cfg.BLOCK_N, cfg.BLOCK_DV),
+                                   (1, 0))
+            if MASKED and cfg.PAGED:
                 # A page's rows past seqlen_k are whatever the cache holds there (stale or never
                 # written: possibly NaN, and 0 * NaN = NaN in the PV product): zero them.
                 v = tl.load(bp, boundary_check=(0, 1), padding_option="zero")
-                return tl.where((offs_n < seqlen_k)[:, None], v, 0.0)
-            if MASKED or BLOCK_DV != DV:
+                return tl.where((offs_n < kv.seqlen_k)[:, None], v, 0.0)
+            if MASKED or cfg.BLOCK_DV != cfg.DV:
                 return tl.load(bp, boundary_check=(0, 1), padding_option="zero")
             return tl.load(bp)
-        ptrs = base + tl.cast(row, tl.int64) * stride_vs + v_off
+        ptrs = base + tl.cast(row, tl.int64) * kv.stride_vs + kv.v_off
     if MASKED:
-        return tl.load(ptrs, mask=(offs_n < seqlen_k)[:, None] & (offs_dv < DV)[None, :], other=0.0)
-    if BLOCK_DV != DV:
-        return tl.load(ptrs, mask=(offs_dv < DV)[None, :], other=0.0)
+        return tl.load(ptrs, mask=(offs_n < kv.seqlen_k)[:, None] & (kv.offs_dv < cfg.DV)[None, :], other=0.0)
+    if cfg.BLOCK_DV != cfg.DV:
+        return tl.load(ptrs, mask=(kv.offs_dv < cfg.DV)[None, :], other=0.0)
     return tl.load(ptrs)
 
 
 @triton.jit
-def _attn_block_range(
-    acc, l_i, m_i, qa, qb,
-    K_base, V_base, BT_row,
-    stride_kb, stride_ks, stride_vb, stride_vs,
-    offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
-    blk_lo, blk_hi,
-    qk_scale, softcap_in, softcap_out, window_left, window_right,
-    MASKED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PTR: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-):
-    """Online-softmax update of (acc, l_i, m_i) over key blocks [blk_lo, blk_hi).
-
-    q_diag[r] = query position of row r + seqlen_k - seqlen_q: the last key row r
-    may see under a causal mask (bottom-right alignment).
-    """
+def _attn_block_range(acc, l_i, m_i, qa, qb, kv, rule, blk_lo, blk_hi, MASKED: tl.constexpr, cfg):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [blk_lo, blk_hi) of `kv`,
+    scored by `rule`; MASKED: the blocks need the sequence-end / window mask."""
     for blk in range(blk_lo, blk_hi):
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_da, k_off,
-                          0, BLOCK_DA, BLOCK_DA + BLOCK_DB, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
+        offs_n = blk * cfg.BLOCK_N + tl.arange(0, cfg.BLOCK_N)
+        k = _load_k_block(kv, blk, offs_n, kv.offs_da, kv.k_off, 0, cfg.BLOCK_DA, MASKED, cfg)
         s = tl.dot(qa, k.to(qa.dtype))  # (FP8 K: converted in registers)
-        if BLOCK_DB > 0:  # head dims like 192 = 128 + 64: a second dot, no padding waste
-            k2 = _load_k_block(K_base, BT_row, blk, offs_n, seqlen_k, stride_kb, stride_ks, offs_db, k2_off,
-                               BLOCK_DA, BLOCK_DB, BLOCK_DA + BLOCK_DB, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR)
+        if cfg.BLOCK_DB > 0:  # head dims like 192 = 128 + 64: a second dot, no padding waste
+            k2 = _load_k_block(kv, blk, offs_n, kv.offs_db, kv.k2_off, cfg.BLOCK_DA, cfg.BLOCK_DB, MASKED, cfg)
             s = tl.dot(qb, k2.to(qa.dtype), s)
         # An infinite score comes from an infinite q or k: NaN, not a key of weight 0 (-inf) or
         # a finite softcap value (SPEC: non-finite inputs give NaN rows). Masked keys' scores
         # are replaced below, so a key a row does not see cannot make it NaN.
         s = nan_if_inf(s)
 
-        if HAS_SOFTCAP:
+        if cfg.HAS_SOFTCAP:
             # softcap * tanh(s * scale / softcap), times log2(e); tanh through exp2 so the
             # same code runs in the interpreter.
-            x = s * softcap_in
-            s = softcap_out * (1.0 - 2.0 / (1.0 + tl.math.exp2(x * (2.0 * LOG2E))))
+            x = s * rule.softcap_in
+            s = rule.softcap_out * (1.0 - 2.0 / (1.0 + tl.math.exp2(x * (2.0 * LOG2E))))
             scale = 1.0
         else:
-            scale = qk_scale
+            scale = rule.qk_scale
         if MASKED:
             s = s * scale
-            ok = (offs_n < seqlen_k)[None, :]
-            if WINDOW_RIGHT:
-                ok = ok & (offs_n[None, :] <= q_diag[:, None] + window_right)
-            if WINDOW_LEFT:
-                ok = ok & (offs_n[None, :] >= q_diag[:, None] - window_left)
+            ok = (offs_n < kv.seqlen_k)[None, :]
+            if cfg.WINDOW_RIGHT:
+                ok = ok & (offs_n[None, :] <= rule.q_diag[:, None] + rule.window_right)
+            if cfg.WINDOW_LEFT:
+                ok = ok & (offs_n[None, :] >= rule.q_diag[:, None] - rule.window_left)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no key yet keeps m = -inf; subtract 0 instead (p = 0).
@@ -168,8 +206,7 @@ def _attn_block_range(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_v_block(V_base, BT_row, blk, offs_n, seqlen_k, stride_vb, stride_vs, offs_dv, v_off,
-                          DV, BLOCK_DV, MASKED, BLOCK_N, PAGED, PAGE_SIZE, BLOCK_PTR).to(qa.dtype)
+        v = _load_v_block(kv, blk, offs_n, MASKED, cfg).to(qa.dtype)
         acc = tl.dot(p.to(qa.dtype), v, acc)
         m_i = m_new
     return acc, l_i, m_i
@@ -300,6 +337,11 @@ def attn_fwd_kernel(
     s_lo = lo_blk + split * per_split
     s_hi = tl.minimum(s_lo + per_split, hi_blk)
 
+    cfg = Tiles(BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR, WINDOW_LEFT, WINDOW_RIGHT,
+                HAS_SOFTCAP)
+    kv = KeySource(K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs, k_off, k2_off, v_off, offs_da,
+                   offs_db, offs_dv, seqlen_k)
+    rule = ScoreRule(qk_scale, softcap_in, softcap_out, window_left, window_right, q_diag)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -311,13 +353,8 @@ def attn_fwd_kernel(
             stage_lo, stage_hi = full_lo_blk, full_hi_blk
         else:
             stage_lo, stage_hi = full_hi_blk, hi_blk
-        acc, l_i, m_i = _attn_block_range(
-            acc, l_i, m_i, qa, qb, K_base, V_base, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
-            offs_da, offs_db, offs_dv, k_off, k2_off, v_off, q_diag, seqlen_k,
-            tl.maximum(stage_lo, s_lo), tl.minimum(stage_hi, s_hi),
-            qk_scale, softcap_in, softcap_out, window_left, window_right,
-            stage != 1, BLOCK_N, BLOCK_DA, BLOCK_DB, DV, BLOCK_DV, PAGED, PAGE_SIZE, BLOCK_PTR,
-            WINDOW_LEFT, WINDOW_RIGHT, HAS_SOFTCAP)
+        acc, l_i, m_i = _attn_block_range(acc, l_i, m_i, qa, qb, kv, rule, tl.maximum(stage_lo, s_lo),
+                                          tl.minimum(stage_hi, s_hi), stage != 1, cfg)
 
     # ---- epilogue: a row that saw no key writes 0 and LSE -inf; a NaN row sum (a non-finite
     # input in what the row saw) stays NaN in both ------------------------------------
