@@ -1,6 +1,6 @@
 """The benchmark: attnquant next to its peers, in one run on one GPU.
 
-    python -m attnquant.bench [--prefill] [--decode] [--sinks] [--fp8-attention]   # all four by default
+    python -m attnquant.bench [--prefill] [--decode] [--sinks] [--host] [--fp8-attention]   # all by default
 
 - prefill: the PERF.md shapes; the Gluon kernel writing bf16, static FP8, per-group FP8 and
   NVFP4 (interleaved rounds), FA4 (flash_attn.cute, bf16 out) where importable, cuDNN SDPA
@@ -10,6 +10,8 @@
   contiguous and paged (page 16), and cuDNN SDPA bf16 + quantization. µs and TB/s of K+V read.
 - sinks: a gpt-oss layer (64 query / 8 KV heads, d 64; full and 128-token sliding window) with
   and without learnable sinks, fused FP8 out.
+- host: host µs per eager call (decode B8 1k, prefill B1 512; back-to-back launches) against
+  its GPU time, cuDNN SDPA's and FA4's.
 - FP8 attention: e4m3 q/k/v with (B, Hkv) descales against bf16 inputs on the d 64 / 128
   prefill shapes, each writing bf16, static FP8 and NVFP4 (the kernel 'auto' picks: today the
   portable one for FP8 inputs); and its accuracy on FA3's distribution (relative RMSE against
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 import triton
@@ -57,6 +60,9 @@ DECODE = [  # name, B, Sk, H, Hkv, D
 ]
 # 64 sequences of random lengths up to 16k against a cache of H32/8, d 128 (a serving batch)
 RAGGED_DECODE = ("decode_64seq_ragged_16k", 64, 16384, 32, 8, 128)
+# the small eager calls whose host time is measured: name, B, Sq, Sk, H, Hkv, D, causal
+HOST = [("decode_b8_1k", 8, 1, 1024, 32, 8, 128, False), ("prefill_b1_512", 1, 512, 512, 32, 8, 128, True)]
+HOST_CALLS = 200
 GPT_OSS = ("gpt-oss", 1, 4096, 64, 8, 64)  # name, B, S, H, Hkv, D
 FORMATS = ("bf16", "fp8", "group", "nvfp4")
 FP8 = torch.float8_e4m3fn
@@ -322,6 +328,46 @@ def decode_table():
         torch.cuda.empty_cache()
 
 
+def host_us(fn, n=HOST_CALLS) -> float:
+    """Host µs per call: n calls launched back to back with no sync (the GPU queue absorbs
+    them, so where the GPU time is shorter the loop's wall time is the host's), best of 3."""
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def host_table():
+    """Host time of one eager call against its GPU time (CUDA-graph replay): attnquant with
+    fused FP8 out, cuDNN SDPA bf16 and FA4 bf16 (where loaded). In serving engines attention
+    often runs outside the captured graphs, once per layer: a host time above the GPU time is
+    what such a step pays."""
+    print(f"\nhost time per eager call (µs, best of 3 x {HOST_CALLS} back-to-back calls; GPU: CUDA-graph replay)")
+    print(f"{'call':<16} {'ours host':>9} {'ours GPU':>8} {'SDPA host':>9} {'SDPA GPU':>8} {'FA4 host':>8} "
+          f"{'ours/SDPA host':>14}")
+    scale = torch.tensor(0.02, device="cuda")
+    for name, b, sq, sk, h, hkv, d, causal in HOST:
+        q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, d)
+        if sq == 1:
+            lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
+            ours = lambda: aq.flash_attn_with_kvcache(q, k, v, lens, output_scale=scale)  # noqa: E731
+        else:
+            ours = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale)  # noqa: E731
+        sdpa, _ = _sdpa(q, k, v, causal)
+        peer = fa4(q, k, v, causal) if sq > 1 else None
+        t = [host_us(ours), bench_graph(ours)]
+        t += [host_us(sdpa), bench_graph(sdpa)] if sdpa else [float("nan")] * 2
+        t.append(host_us(peer) if peer else float("nan"))
+        RESULTS.setdefault("host", {})[name] = dict(zip(("ours", "ours_gpu", "sdpa", "sdpa_gpu", "fa4"), t))
+        print(f"{name:<16} {t[0]:9.1f} {t[1]:8.1f} {t[2]:9.1f} {t[3]:8.1f} {t[4]:8.1f} {t[0] / t[2]:14.2f}", flush=True)
+
+
 def sinks_table():
     name, b, s, h, hkv, d = GPT_OSS
     q, k, v = prefill_inputs(b, s, s, h, hkv, d, d)
@@ -414,6 +460,7 @@ def main(argv=None):
     ap.add_argument("--prefill", action="store_true")
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--sinks", action="store_true")
+    ap.add_argument("--host", action="store_true", help="host time of small eager calls against cuDNN SDPA's")
     ap.add_argument("--fp8-attention", action="store_true", help="e4m3 q/k/v against bf16 inputs")
     ap.add_argument("--block", action="store_true", help="attention + o_proj (not in the default run)")
     ap.add_argument("--sweep", action="store_true", help="TFLOP/s against sequence length (not in the default run)")
@@ -423,10 +470,11 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("the benchmark needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    every = not (args.prefill or args.decode or args.sinks or args.block or args.sweep or args.fp8_attention)
+    every = not (args.prefill or args.decode or args.sinks or args.host or args.block or args.sweep
+                 or args.fp8_attention)
     RESULTS["device"] = torch.cuda.get_device_name()
     tables = [(prefill_table, every or args.prefill), (decode_table, every or args.decode),
-              (sinks_table, every or args.sinks), (fp8_attention_table, every or args.fp8_attention),
+              (sinks_table, every or args.sinks), (host_table, every or args.host), (fp8_attention_table, every or args.fp8_attention),
               (fp8_accuracy_table, every or args.fp8_attention),
               (block_table, args.block), (sweep_table, args.sweep)]
     for table, wanted in tables:

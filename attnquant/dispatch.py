@@ -12,7 +12,6 @@ device value: no host sync, so every call can be captured in a CUDA graph.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import List, Optional, Union
 
@@ -20,6 +19,7 @@ import torch
 
 from . import quant
 from .kernels.combine import Partials, launch_combine
+from .kernels.device import on_device
 from .kernels.hopper import launch as hopper
 from .kernels.hopper.config import WsConfig
 from .kernels.portable import launch as portable
@@ -123,11 +123,8 @@ def run(p: Problem, attn: Attention, fmt: quant.OutputFormat, out: torch.Tensor,
         plan_: Plan) -> None:
     out = _nvfp4_prologue(fmt, out, p.num_tokens, p.num_heads, p.head_dim_v)
     if plan_.gluon and hopper.aligned_for_tma(p.q, p.k, p.v):
-        if p.q.device.index == torch.cuda.current_device():  # (entering torch.cuda.device costs host time)
+        with on_device(p.q.device):
             hopper.launch(p, attn, fmt, out, lse, plan_.ws)
-        else:
-            with torch.cuda.device(p.q.device):
-                hopper.launch(p, attn, fmt, out, lse, plan_.ws)
         return
     portable.launch(p, attn, fmt, out, lse, plan_.tile, plan_.num_splits, interpreting())
 
@@ -188,8 +185,7 @@ def _merge(prefix_out, prefix_lse, suffix_out, suffix_lse, out, lse, fmt):
     suffix = Partials(suffix_out, (0, suffix_out.stride(0), suffix_out.stride(1)), suffix_lse,
                       (0, suffix_lse.stride(1), suffix_lse.stride(0)))
     lse_strides = (0, lse.stride(1), lse.stride(0)) if lse is not None else (0, 0, 0)
-    device = out.device
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+    with on_device(out.device):
         launch_combine(parts, suffix, out, (0, out.stride(0), out.stride(1)), lse, lse_strides, t, h, max(t, 1), dv,
                        fmt, None, interpreting())
 

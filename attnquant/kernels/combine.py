@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .epilogue import constexprs as epilogue_constexprs, nan_max, store_output
+from .launcher import Launches
 
 COMBINE_ROWS = 16  # (token, head) rows a program merges
 
@@ -118,14 +119,16 @@ def launch_combine(parts: Partials, suffix: Optional[Partials], out: torch.Tenso
     dummy = parts.out
     rows = num_tokens * num_heads
     sfx = suffix if suffix is not None else Partials(dummy, (0, 0, 0), dummy, (0, 0, 0))
-    combine_kernel[(-(-rows // COMBINE_ROWS),)](
-        parts.out, parts.lse, sfx.out, sfx.lse, out, lse if lse is not None else dummy,
-        fmt.scale if fmt.scale is not None else dummy, fmt.block_scale if fmt.block_scale is not None else dummy,
-        sinks if sinks is not None else dummy,
-        rows, num_heads, tokens_per_batch, parts.count, sinks.stride(0) if sinks is not None else 0,
-        *parts.out_strides, *parts.lse_strides, *sfx.out_strides[1:], *sfx.lse_strides[1:],
-        *out_strides, *lse_strides, *fmt.block_scale_strides,
-        DV=head_dim_v, BLOCK_R=COMBINE_ROWS, BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        HAS_SUFFIX=suffix is not None, HAS_SINKS=sinks is not None, STORE_LSE=lse is not None,
-        **epilogue_constexprs(fmt, interpret), num_warps=4,
-    )
+    args = (parts.out, parts.lse, sfx.out, sfx.lse, out, lse if lse is not None else dummy,
+            fmt.scale if fmt.scale is not None else dummy, fmt.block_scale if fmt.block_scale is not None else dummy,
+            sinks if sinks is not None else dummy,
+            rows, num_heads, tokens_per_batch, parts.count, sinks.stride(0) if sinks is not None else 0,
+            *parts.out_strides, *parts.lse_strides, *sfx.out_strides[1:], *sfx.lse_strides[1:],
+            *out_strides, *lse_strides, *fmt.block_scale_strides)
+    constexprs = dict(DV=head_dim_v, BLOCK_R=COMBINE_ROWS, BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+                      HAS_SUFFIX=suffix is not None, HAS_SINKS=sinks is not None, STORE_LSE=lse is not None,
+                      **epilogue_constexprs(fmt, interpret))
+    _COMBINE.launch(out.device.index, (-(-rows // COMBINE_ROWS),), args, constexprs, num_warps=4)
+
+
+_COMBINE = Launches(combine_kernel)

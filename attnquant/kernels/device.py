@@ -1,6 +1,8 @@
 """Device properties the launchers read on every call, each looked up once per device (plain
 dicts: torch.compile traces a dict lookup, while it warns about an lru_cache)."""
 
+from contextlib import nullcontext
+
 import torch
 
 _NUM_SMS = {}
@@ -19,3 +21,11 @@ def is_sm90(device_index: int) -> bool:
     if device_index not in _SM90:
         _SM90[device_index] = torch.cuda.get_device_capability(device_index) == (9, 0)
     return _SM90[device_index]
+
+
+def on_device(device: torch.device):
+    """A context that makes `device` current for a launch: none when it already is (entering
+    torch.cuda.device costs host time on every call) or when it is the CPU (the interpreter)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return nullcontext()
+    return torch.cuda.device(device)

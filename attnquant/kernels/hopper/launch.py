@@ -19,6 +19,7 @@ from ...problem import Attention, Problem, lse_strides, token_strides
 from ..constants import LOG2E, WG_ROWS
 from ..device import is_sm90, num_sms
 from ..epilogue import constexprs as epilogue_constexprs
+from ..launcher import Launches
 from ..portable.config import split_head_dim
 from .config import SMEM_LIMIT, WsConfig, _smem_bytes, head_dims_supported, schedule, staging_fits, ws_config
 
@@ -130,8 +131,6 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
            cfg: Optional[WsConfig] = None):
     """Run the Gluon kernel on `p`: with `cfg`, or the config the problem gets (config.schedule),
     one CTA per SM (persistent) or per tile."""
-    from .kernel import attn_fwd_ws_kernel
-
     dev = p.q.device.index if p.q.device.index is not None else torch.cuda.current_device()
     sched = schedule(p, cfg or ws_config(p.head_dim, p.head_dim_v), attn.causal, num_sms(dev))
     cfg = sched.cfg
@@ -160,12 +159,12 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
         UE8M0=epilogue["UE8M0"], TMA_STORE=tma_store, CONSUMER_REGS=consumer_regs,
         PRODUCER_REGS=cfg.producer_regs, LAZY_RESCALE=cfg.lazy_rescale,
         INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=sched.parts > 1)
-    # What Triton specializes the kernel on (the descriptors: their dtype, q's, and blocks, fixed
-    # by the constexprs): pointers' dtype and 16-byte alignment, ints' == 1, % 16, 32-bit range.
-    key = (dev, p.q.dtype, *constexprs.values(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in pointers],
-           *[(i == 1, i % 16 == 0, -2**31 <= i < 2**31) for i in ints])
-    kernel = _COMPILED.get(key)
-    hit = kernel is not None
+    # the key covers q's dtype (the descriptors': their blocks follow from the constexprs), the
+    # pointers and the ints; on a hit the descriptors come from the cache (launcher.py)
+    options = dict(num_warps=4, maxnreg=maxnreg)
+    launches = _launches()
+    key = launches.key(dev, (p.q, *pointers, *ints), constexprs, options)
+    hit = key in launches
     hd, hkv_d, hkv_dv = p.num_heads * p.head_dim, p.num_heads_kv * p.head_dim, p.num_heads_kv * p.head_dim_v
     q_desc = _descriptor(p.q, WG_ROWS, hd, da, hit)
     k_desc = _descriptor(p.k, cfg.block_n, hkv_d, da, hit)
@@ -175,11 +174,7 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
     o_cols = out_row_bytes(out, p) // out.element_size()  # (NVFP4: two codes a byte)
     o_desc = _descriptor(out, WG_ROWS, p.num_heads * o_cols, o_cols, hit) if tma_store else v_desc
     args = (q_desc, qb_desc, k_desc, kb_desc, v_desc, o_desc, *pointers, *ints, attn.softmax_scale * LOG2E)
-    if not hit:  # Triton's JIT dispatch: binds, specializes, compiles (once), launches
-        assert attn_fwd_ws_kernel.arg_names[len(args):] == list(constexprs)  # (the constexprs come last)
-        _COMPILED[key] = attn_fwd_ws_kernel[(sched.grid,)](*args, **constexprs, num_warps=4, maxnreg=maxnreg)
-    else:  # the kernel it compiled for this key, launched directly (every parameter, in order)
-        kernel[(sched.grid, 1, 1)](*args, *constexprs.values(), stream=stream.cuda_stream)
+    launches.run(key, (sched.grid,), args, constexprs, options)
 
 
 def workspace(device, stream, size: int):
@@ -199,9 +194,16 @@ def workspace(device, stream, size: int):
 
 _WORKSPACES = {}
 
-# Compiled kernels by launch key. Triton's JIT dispatch (binding ~50 arguments, computing
+# The compiled kernels by launch key. Triton's JIT dispatch (binding ~50 arguments, computing
 # their specialization, looking up its cache) and building six TMA descriptors cost ~150 us
 # of host time per call, the whole call ~370 us: more than the GPU time of a 4k-token
-# prefill, so the eager call was launch-bound. A call
-# whose key was seen launches the CompiledKernel directly, with cached descriptors.
-_COMPILED = {}
+# prefill, so the eager call was launch-bound. A call whose key was seen launches the
+# CompiledKernel directly, with cached descriptors.
+_LAUNCHES = []
+
+
+def _launches() -> Launches:
+    if not _LAUNCHES:  # (the Gluon kernel is imported on the first launch, not with the package)
+        from .kernel import attn_fwd_ws_kernel
+        _LAUNCHES.append(Launches(attn_fwd_ws_kernel))
+    return _LAUNCHES[0]

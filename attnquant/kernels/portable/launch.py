@@ -4,7 +4,6 @@ quantizes once)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -14,9 +13,12 @@ from ...quant import PLAIN, OutputFormat
 from ..combine import Partials, launch_combine
 from ..constants import LOG2E
 from ..epilogue import constexprs as epilogue_constexprs
-from ..device import num_sms
+from ..device import num_sms, on_device
+from ..launcher import Launches
 from .config import FwdConfig, cdiv, forward_config, next_pow2, num_splits_heuristic, split_head_dim
 from .forward import attn_fwd_kernel
+
+_FORWARD = Launches(attn_fwd_kernel)
 
 
 def config_for(p: Problem, interpret: bool) -> FwdConfig:
@@ -67,31 +69,32 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
 
     dummy = q  # stands in for pointer arguments a variant does not read
     opt = lambda t: t if t is not None else dummy  # noqa: E731
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        attn_fwd_kernel[(m_tiles, p.batch * p.num_heads_kv, num_splits)](
-            q, k, v, o_buf, l_buf, opt(fmt.scale), opt(fmt.block_scale), opt(p.block_table), opt(p.cu_seqlens_q),
-            opt(p.cu_seqlens_k), opt(p.seqused_k), opt(p.sinks), opt(p.q_descale), opt(p.k_descale), opt(p.v_descale),
+    args = (q, k, v, o_buf, l_buf, opt(fmt.scale), opt(fmt.block_scale), opt(p.block_table), opt(p.cu_seqlens_q),
+            opt(p.cu_seqlens_k), opt(p.seqused_k), opt(p.sinks), opt(p.q_descale), opt(p.k_descale),
+            opt(p.v_descale),
             *p.q_strides, *p.k_strides, *p.v_strides,
             *o_strides, *l_strides, *fwd_fmt.block_scale_strides,
             p.block_table.stride(0) if p.paged else 0, p.sinks.stride(0) if p.sinks is not None else 0,
             *descale_strides(p.q_descale), *descale_strides(p.k_descale), *descale_strides(p.v_descale),
             p.max_seqlen_q, p.max_seqlen_k, p.num_heads_kv, num_splits,
             attn.softmax_scale * LOG2E, attn.softmax_scale / attn.softcap if attn.softcap > 0 else 0.0,
-            attn.softcap * LOG2E, max(attn.window_left, 0), max(attn.window_right, 0),
-            GROUP=p.group, DV=p.head_dim_v,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=block_dv,
-            VARLEN_Q=p.cu_seqlens_q is not None, VARLEN_K=p.cu_seqlens_k is not None,
-            HAS_SEQUSED=p.seqused_k is not None,
-            PAGED=p.paged, PAGE_SIZE=p.page_size, BLOCK_PTR=cfg.block_ptr,
-            WINDOW_LEFT=attn.window_left >= 0, WINDOW_RIGHT=attn.window_right >= 0, HAS_SOFTCAP=attn.softcap > 0,
-            HAS_SINKS=p.sinks is not None and not split,
-            HAS_Q_DESCALE=p.q_descale is not None, HAS_K_DESCALE=p.k_descale is not None,
-            HAS_V_DESCALE=p.v_descale is not None,
-            STORE_LSE=split or lse is not None,
-            **epilogue_constexprs(fwd_fmt, interpret),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            attn.softcap * LOG2E, max(attn.window_left, 0), max(attn.window_right, 0))
+    constexprs = dict(
+        GROUP=p.group, DV=p.head_dim_v,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=block_dv,
+        VARLEN_Q=p.cu_seqlens_q is not None, VARLEN_K=p.cu_seqlens_k is not None,
+        HAS_SEQUSED=p.seqused_k is not None,
+        PAGED=p.paged, PAGE_SIZE=p.page_size, BLOCK_PTR=cfg.block_ptr,
+        WINDOW_LEFT=attn.window_left >= 0, WINDOW_RIGHT=attn.window_right >= 0, HAS_SOFTCAP=attn.softcap > 0,
+        HAS_SINKS=p.sinks is not None and not split,
+        HAS_Q_DESCALE=p.q_descale is not None, HAS_K_DESCALE=p.k_descale is not None,
+        HAS_V_DESCALE=p.v_descale is not None,
+        STORE_LSE=split or lse is not None,
+        **epilogue_constexprs(fwd_fmt, interpret))
+    with on_device(device):
+        _FORWARD.launch(device.index, (m_tiles, p.batch * p.num_heads_kv, num_splits), args, constexprs,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split:
             lb, lh, ls = lse_strides(lse, p.varlen)
             launch_combine(Partials(o_buf, (o_buf.stride(0), o_buf.stride(1), o_buf.stride(2)), l_buf,
