@@ -20,7 +20,7 @@
 # The whole default run is past the device tool's 600 s a call: split it with the options, or
 # run part of the suite: PYTEST_PATHS (default: tests), PYTEST_WORKERS (default: 8), SUITE_TIMEOUT
 # (seconds, default 420; not PYTEST_TIMEOUT, which pytest-timeout reads as a per-test limit). BENCH_ARGS:
-# the benchmark's options (default: its three main tables).
+# the benchmark's options (default: every table but --block and --sweep).
 set -uo pipefail
 OUT=${OUT:-/tmp/attnquant-out}
 mkdir -p "$OUT"
