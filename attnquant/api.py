@@ -71,7 +71,7 @@ def _attend(p: Problem, attn: Attention, num_splits, return_lse, out, out_dtype,
     """The rest of every forward entry point: sinks and descales checked, format, outputs, plan, run."""
     check.check_sinks(p.sinks, p.num_heads, p.q.device)
     check.check_descales(p.q, p.k, p.v, p.q_descale, p.k_descale, p.v_descale, p.batch, p.num_heads_kv)
-    dispatch.requested_backend(backend)
+    backend = dispatch.requested_backend(backend)  # (checked before anything is written; $ATTNQUANT_BACKEND read once)
     fmt, out, lse = _format_and_outputs(p, return_lse, out, out_dtype, output_scale, output_block_scale, ue8m0)
     if out.numel():  # (an empty problem: B, Sq, H or total_q 0 launches nothing)
         dispatch.forward(p, attn, fmt, out, lse, dispatch.plan(p, attn, num_splits, backend, config))
