@@ -87,19 +87,21 @@ def check_qkv(q, k, v, q_rank, kv_rank):
         raise TypeError(f"k and v must have one dtype (mixed K/V dtypes are not supported), got {k.dtype} and "
                         f"{v.dtype}")
     allowed = (FP8_INPUT,) if q.dtype == FP8_INPUT else (q.dtype, FP8_INPUT)
+    device = q.device  # (each .device / .shape read builds a new object: read them once)
     for name, t in (("k", k), ("v", v)):
         if t.dtype not in allowed:
             what = "FP8 (float8_e4m3fn), as q is" if q.dtype == FP8_INPUT else f"q's dtype {q.dtype} or float8_e4m3fn"
             raise TypeError(f"{name} must be {what}, got {t.dtype}")
-        check_device(name, t, q.device)
-    check_runs_here("q", q.device)
+        check_device(name, t, device)
+    check_runs_here("q", device)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension, got stride {t.stride(-1)}")
-    if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"k and v must agree in all but the last dimension, got {tuple(k.shape)} and {tuple(v.shape)}")
-    h, d = q.shape[-2], q.shape[-1]
-    hkv, dk, dv = k.shape[-2], k.shape[-1], v.shape[-1]
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if ks[:-1] != vs[:-1]:
+        raise ValueError(f"k and v must agree in all but the last dimension, got {tuple(ks)} and {tuple(vs)}")
+    h, d = qs[-2], qs[-1]
+    hkv, dk, dv = ks[-2], ks[-1], vs[-1]
     if dk != d:
         raise ValueError(f"k's head dim {dk} must equal q's head dim {d}")
     if hkv == 0 or h % hkv != 0:
