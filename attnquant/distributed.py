@@ -15,7 +15,9 @@ fusing the quantization under DCP).
 Both return every rank's output for its own queries (prefill: its shard; decode: the whole
 batch) and, when asked, the LSE in the forward functions' layout. They read no tensor on the
 host (CUDA-graph safe with NCCL; gloo on the CPU runs the interpreter kernels). Engine:
-torch.distributed, any backend with point-to-point ops and all_gather / all_reduce.
+torch.distributed, any backend with point-to-point ops and all_gather / all_reduce. gloo moves
+CPU memory only (its send of a CUDA tensor fails with EFAULT): with gloo, CUDA tensors travel
+through host copies, which synchronize: a path for checking on a one-GPU machine, not a fast one.
 """
 
 from __future__ import annotations
@@ -56,6 +58,29 @@ def interleave_kv_cache(cache: torch.Tensor, seqlens: torch.Tensor, world: int, 
 
 def _group_info(group) -> Tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _via_host(group, device: torch.device) -> bool:
+    """Whether this group's transport needs CUDA tensors copied to the host (gloo)."""
+    return device.type == "cuda" and dist.get_backend(group) == dist.Backend.GLOO
+
+
+def _all_gather_into(out: torch.Tensor, t: torch.Tensor, group, host: bool) -> torch.Tensor:
+    if not host:
+        dist.all_gather_into_tensor(out, t, group=group)
+        return out
+    staged = out.cpu()
+    dist.all_gather_into_tensor(staged, t.cpu(), group=group)
+    return staged.to(out.device)
+
+
+def _all_reduce(t: torch.Tensor, group, host: bool) -> torch.Tensor:
+    if not host:
+        dist.all_reduce(t, group=group)
+        return t
+    staged = t.cpu()
+    dist.all_reduce(staged, group=group)
+    return staged.to(t.device)
 
 
 def _segments(world: int, layout: str, shard_lens: Optional[Sequence[int]], local_len: int) -> List[List[Segment]]:
@@ -131,6 +156,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     acc_lse = torch.full((b, h, length), float("-inf"), device=q.device, dtype=torch.float32)
     lens = [sum(n for _, n, _ in segments[r]) for r in range(world)]
     k_cur, v_cur = k, v
+    host = _via_host(group, k.device)
+    wire = torch.device("cpu") if host else k.device  # where the shards in flight live
     prev, nxt = (rank - 1) % world, (rank + 1) % world
     peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))  # noqa: E731
     for step in range(world):
@@ -138,9 +165,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         reqs, k_next, v_next, sending = [], None, None, ()
         if step + 1 < world:  # the next shard travels while this one is attended
             incoming = lens[(rank - step - 1) % world]
-            k_next = torch.empty(b, incoming, *k.shape[2:], device=k.device, dtype=k.dtype)
-            v_next = torch.empty(b, incoming, *v.shape[2:], device=v.device, dtype=v.dtype)
-            sending = (k_cur.contiguous(), v_cur.contiguous()) if lens[src] else ()
+            k_next = torch.empty(b, incoming, *k.shape[2:], device=wire, dtype=k.dtype)
+            v_next = torch.empty(b, incoming, *v.shape[2:], device=wire, dtype=v.dtype)
+            sending = (k_cur.to(wire).contiguous(), v_cur.to(wire).contiguous()) if lens[src] else ()
             ops = [dist.P2POp(dist.isend, t, peer(nxt), group) for t in sending]
             if incoming:
                 ops += [dist.P2POp(dist.irecv, t, peer(prev), group) for t in (k_next, v_next)]
@@ -150,7 +177,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         for req in reqs:
             req.wait()
         if step + 1 < world:
-            k_cur, v_cur = k_next, v_next
+            k_cur, v_cur = k_next.to(k.device), v_next.to(v.device)
     plain = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
     return _apply_format(acc_o, acc_lse, plain, return_lse, out_dtype, output_scale, output_block_scale, ue8m0)
 
@@ -197,10 +224,11 @@ def dcp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
                                      out_dtype=torch.float32, k_descale=k_descale, v_descale=v_descale,
                                      backend=backend)
     lses = torch.empty(world * lse.shape[0], *lse.shape[1:], device=lse.device, dtype=lse.dtype)
-    dist.all_gather_into_tensor(lses, lse.contiguous(), group=group)  # (ranks concatenated along dim 0)
+    host = _via_host(group, lse.device)
+    lses = _all_gather_into(lses, lse.contiguous(), group, host)  # (ranks concatenated along dim 0)
     total = torch.logsumexp(lses.view(world, *lse.shape), 0)
     weight = torch.exp(lse - torch.where(total == float("-inf"), 0.0, total))  # (NaN anywhere: NaN everywhere)
     o = (o * weight.transpose(1, 2)[..., None]).contiguous()
-    dist.all_reduce(o, group=group)
+    o = _all_reduce(o, group, host)
     plain = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
     return _apply_format(o, total, plain, return_lse, out_dtype, output_scale, output_block_scale, ue8m0)

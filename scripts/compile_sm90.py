@@ -69,11 +69,12 @@ def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*f
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
-                  pingpong=None, tma_store=True, lazy_rescale=None, split_tail=False, sinks=False, **config):
+                  pingpong=None, tma_store=True, lazy_rescale=None, split_tail=False, sinks=False, ones=(), **config):
     """The Hopper Gluon kernel with the tile config the launcher picks for (d, dv) (ping-pong
     as it says unless `pingpong` is given; the TMA-store epilogue if `tma_store` and its
     staging buffer fits, as in launch.tma_store_applies); `config`: WsConfig fields to change
-    (consumers=3 starts from the 3-consumer config ws_config picks)."""
+    (consumers=3 starts from the 3-consumer config ws_config picks); `ones`: int arguments
+    equal to 1, which Triton makes constexprs."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -93,7 +94,8 @@ def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, 
              OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0,
              GROUP_SIZE=group_size, UE8M0=kind == 2, TMA_STORE=tma_store, CONSUMER_REGS=cfg.registers()[1],
              PRODUCER_REGS=cfg.producer_regs,
-             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=split_tail)
+             LAZY_RESCALE=cfg.lazy_rescale if lazy_rescale is None else lazy_rescale, INTRA_OVERLAP=cfg.intra_overlap, SPLIT_TAIL=split_tail,
+             **{name: 1 for name in ones})
     ptrs = {"q_desc": desc(64, da), "qb_desc": desc(64, db or da), "k_desc": desc(cfg.block_n, da),
             "kb_desc": desc(cfg.block_n, db or da), "v_desc": desc(cfg.block_n, dv),
             "o_desc": desc(64, row_bytes // (2 if out in ("*bf16", "*fp16") else 1), out[1:]) if tma_store
@@ -130,6 +132,8 @@ VARIANTS = {
     "gluon d64 varlen non-causal, bf16 out": gluon_variant(out="*bf16", kind=0, d=64, dv=64, varlen=True,
                                                            causal=False),
     "gluon d256 gqa, e5m2 out": gluon_variant(out="*fp8e5", d=256, dv=256, group=4),
+    "gluon d128, one query head (num_heads == 1 arrives as a constexpr)": gluon_variant(
+        causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False, split_tail=True, ones=("num_heads",)),
     "gluon d128 gqa, nvfp4 out": gluon_variant(out="*u8", kind=3, group_size=16, group=4),
     "gluon d192-128 mqa, nvfp4 out": gluon_variant(out="*u8", kind=3, group_size=16, d=192, group=16),
     "gluon d128 gqa ping-pong, bf16 register stores, every O rescale": gluon_variant(

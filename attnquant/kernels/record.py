@@ -3,15 +3,17 @@ aggregates want an __init__ spelled out; the kernels' records have nothing more 
 kernels use it: the Gluon kernel's partitions and the portable kernel's helpers receive records
 instead of long argument lists.
 
-A Python number given for a field becomes a constexpr: an int argument equal to 1 reaches the
-kernel as a constexpr (Triton specializes on it) and the constructor sees it unwrapped. Under
+A Python number given for a field becomes a constexpr, and a field annotated as a tensor also
+takes a constexpr: an int kernel argument equal to 1 reaches the kernel as a constexpr (Triton
+specializes on it; the Gluon kernel's num_heads = 1 did) and the constructor sees it unwrapped.
+Under
 the interpreter, records work as plain objects; keep their functions free (a @triton.jit method
 on an aggregate is not found by the interpreter)."""
 
 from triton.language import core
 from triton.runtime.jit import constexpr_function
 
-# a field that is usually a runtime value, a constexpr when Triton specialized it (an int == 1)
+# a field that is a runtime value, or a constexpr where Triton specialized it (an int == 1)
 value = (core.tensor, core.constexpr)
 
 
@@ -19,6 +21,9 @@ def record(cls):
     """cls as an aggregate with __init__(self, *fields) in annotation order (a constexpr
     function: it runs while the kernel is traced)."""
     names = tuple(cls.__annotations__)
+    for name, kind in cls.__annotations__.items():
+        if kind is core.tensor:
+            cls.__annotations__[name] = value
 
     def __init__(self, *values):
         assert len(values) == len(names), f"{cls.__name__} takes {names}"
