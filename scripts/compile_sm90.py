@@ -132,7 +132,7 @@ VARIANTS = {
     "gluon d64 varlen non-causal, bf16 out": gluon_variant(out="*bf16", kind=0, d=64, dv=64, varlen=True,
                                                            causal=False),
     "gluon d256 gqa, e5m2 out": gluon_variant(out="*fp8e5", d=256, dv=256, group=4),
-    "gluon d128, one query head (num_heads == 1 arrives as a constexpr)": gluon_variant(
+    "gluon d128 non-causal, one query head (a constexpr num_heads), last wave split": gluon_variant(
         causal=False, consumers=3, block_n=128, num_stages=2, intra_overlap=False, split_tail=True, ones=("num_heads",)),
     "gluon d128 gqa, nvfp4 out": gluon_variant(out="*u8", kind=3, group_size=16, group=4),
     "gluon d192-128 mqa, nvfp4 out": gluon_variant(out="*u8", kind=3, group_size=16, d=192, group=16),
@@ -242,6 +242,8 @@ def main(names=None, sass_dir=None):
             unmasked, masked = wgmma_loop_spills(k.asm["cubin"])
             extra = f" | wgmma-loop spills {unmasked}, masked-loop spills {masked}"
         print(f"{name:<45} smem {k.metadata.shared:6d} B  {ptxas_report(k.asm['ptx'])}{extra}", flush=True)
+    if not names:
+        print(f"variants: {len(VARIANTS)}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def test_kernels_compile_for_sm90():
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     lines = [l for l in r.stdout.splitlines() if "smem" in l]
-    assert len(lines) == 28, r.stdout  # every entry of compile_sm90.VARIANTS
+    total = int(r.stdout.split("variants: ")[-1].split()[0])  # (its last line: "variants: N")
+    assert len(lines) == total > 0, r.stdout  # every entry of compile_sm90.VARIANTS compiled
     assert all("registers" in l for l in lines), r.stdout
     # the Hopper kernel: no spills in its K/V loops (a few values reloaded once per tile are
     # fine), and its wgmmas not serialized (ptxas warning C7512). The variants that split the
