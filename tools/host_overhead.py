@@ -1,9 +1,11 @@
 """Host time of one eager call, next to the GPU time of the same call: is the benchmark timing
 the kernel, or Python? Launches N calls back to back without synchronizing (the GPU queue
 absorbs them, so the loop's wall time is the host's), then synchronizes; then a cProfile of
-the Gluon calls. A call whose host time exceeds its GPU time is launch-bound, and do_bench
-then times the host.
-Usage: python tools/host_overhead.py [shape name from attnquant.bench.PREFILL]"""
+the first kind of call (the Gluon one for prefill shapes). A call whose host time exceeds its
+GPU time is launch-bound, and do_bench then times the host.
+Usage: python tools/host_overhead.py [shape name from attnquant.bench.PREFILL, or "decode"]
+("decode": flash_attn_with_kvcache on bench.HOST's decode call, the portable kernel and its
+split combine)"""
 
 import cProfile
 import io
@@ -14,15 +16,22 @@ import time
 import torch
 
 import attnquant as aq
-from attnquant.bench import PREFILL, bench_graph, prefill_inputs
+from attnquant.bench import HOST, PREFILL, bench_graph, prefill_inputs
 
 name = sys.argv[1] if len(sys.argv) > 1 else "prefill_mla_4k"
-_, b, sq, sk, h, hkv, d, dv, causal = next(s for s in PREFILL if s[0] == name)
-q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, dv)
 scale = torch.tensor(0.02, device="cuda")
+if name == "decode":
+    _, b, sq, sk, h, hkv, d, causal = next(s for s in HOST if s[2] == 1)
+    q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, d)
+    lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
+    calls = {"triton": lambda: aq.flash_attn_with_kvcache(q, k, v, lens, output_scale=scale)}
+else:
+    _, b, sq, sk, h, hkv, d, dv, causal = next(s for s in PREFILL if s[0] == name)
+    q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, dv)
+    calls = {backend: (lambda backend=backend: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale,
+                                                                  backend=backend)) for backend in ("gluon", "triton")}
 print(f"{name}: host µs per call (n calls launched back to back), GPU µs per call (CUDA-graph replay)")
-for backend in ("gluon", "triton"):
-    fn = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend=backend)  # noqa: E731
+for backend, fn in calls.items():
     gpu = bench_graph(fn)
     for n in (20, 200):
         torch.cuda.synchronize()
@@ -32,7 +41,7 @@ for backend in ("gluon", "triton"):
         host = (time.perf_counter() - t0) / n * 1e6
         torch.cuda.synchronize()
         print(f"  {backend:<7} n={n:<4} host {host:6.1f} µs/call   GPU {gpu:6.1f} µs/call", flush=True)
-fn = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale, backend="gluon")  # noqa: E731
+fn = next(iter(calls.values()))
 prof = cProfile.Profile()
 prof.enable()
 for _ in range(100):
