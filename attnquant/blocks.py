@@ -220,7 +220,8 @@ def attention_oproj(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: F
     if not weight.blockwise:
         raise ValueError("without output_scale the block runs per-token-group FP8, which pairs with a 128 x 128 "
                          "block weight: quantize_weight_fp8(w, block=True), or pass a static output_scale")
-    m, cols = b * sq, _group_columns(h, dv)
+    m = b * sq
+    scales = group_scale_buffer(_aligned(m), h, dv, q.device)  # (raises for Dv not in 128-column groups)
     _check_weight(weight, h * dv)
     if m == 0:
         return torch.empty(b, sq, weight.data.shape[0], dtype=out_dtype, device=q.device)
@@ -228,9 +229,9 @@ def attention_oproj(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: F
     # column-major scales), so nothing is copied between the two; padding rows: zero, scale 1
     mp = _aligned(m)
     rows = torch.empty(mp, h, dv, dtype=FP8, device=q.device)
-    scales = torch.empty(cols, mp, dtype=torch.float32, device=q.device).t()
-    rows[m:].zero_()
-    scales[m:] = 1
-    flash_attn_func(q, k, v, out=rows[:m].view(b, sq, h, dv), output_block_scale=scales[:m].view(b, sq, cols),
+    if mp != m:
+        rows[m:].zero_()
+        scales[m:] = 1
+    flash_attn_func(q, k, v, out=rows[:m].view(b, sq, h, dv), output_block_scale=scales[:m].view(b, sq, -1),
                     **attn_kwargs)
     return _blockwise_mm(rows.view(mp, h * dv), scales, weight, out_dtype)[:m].view(b, sq, -1)
