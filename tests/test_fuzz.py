@@ -322,6 +322,27 @@ def call_or_gluon_refusal(fn, *args, **kw):
         return None
 
 
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)}:{x.dtype}:stride{x.stride()}:off{x.storage_offset()}"
+    return repr(x)
+
+
+def trace_call(fn, args, kw):
+    """With ATTNQUANT_FUZZ_TRACE=FILE, the call about to run is appended (and flushed) to FILE: a
+    call that kills the CUDA context (an illegal address) leaves hypothesis nothing to replay, but
+    the trace's last line names it."""
+    path = os.environ.get("ATTNQUANT_FUZZ_TRACE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{fn.__name__}({', '.join(map(_describe, args))}, "
+                    f"{', '.join(f'{k}={_describe(v)}' for k, v in kw.items())})\n")
+            if isinstance(args[-1], torch.Tensor) and args[-1].dtype == torch.int32:
+                f.write(f"  int32 arg: {args[-1].tolist()}\n")
+            if isinstance(kw.get("block_table"), torch.Tensor):
+                f.write(f"  block_table: {kw['block_table'].tolist()}\n")
+
+
 def call_and_check(fn, args, call_kw, common, ref_o, ref_lse, eager_o, softcap=0.0, backend=None):
     """fn(*args, **call_kw) in the drawn output format (and out= mode, LSE request, backend),
     checked against the oracle's (ref_o, ref_lse, eager_o) with check_call."""
@@ -329,6 +350,7 @@ def call_and_check(fn, args, call_kw, common, ref_o, ref_lse, eager_o, softcap=0
     kw, out, wide = call_kwargs(fmt, common["out_mode"], ref_o.shape)
     if backend is not None:
         kw["backend"] = backend
+    trace_call(fn, args, {**call_kw, **kw})
     got = call_or_gluon_refusal(fn, *args, return_lse=common["return_lse"], **call_kw, **kw)
     if got is not None:
         check_call(*got, out, wide, fmt, ref_o, ref_lse, eager_o, softcap, common["return_lse"])
