@@ -3,7 +3,7 @@ the kernel, or Python? Launches N calls back to back without synchronizing (the 
 absorbs them, so the loop's wall time is the host's), then synchronizes; then a cProfile of
 the first kind of call (the Gluon one for prefill shapes). A call whose host time exceeds its
 GPU time is launch-bound, and do_bench then times the host.
-Usage: python tools/host_overhead.py [shape name from attnquant.bench.PREFILL, or "decode"]
+Usage: python tools/host_overhead.py [shape name from attnquant.bench.PREFILL or HOST, or "decode"]
 ("decode": flash_attn_with_kvcache on bench.HOST's decode call, the portable kernel and its
 split combine)"""
 
@@ -25,8 +25,9 @@ if name == "decode":
     q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, d)
     lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
     calls = {"triton": lambda: aq.flash_attn_with_kvcache(q, k, v, lens, output_scale=scale)}
-else:
-    _, b, sq, sk, h, hkv, d, dv, causal = next(s for s in PREFILL if s[0] == name)
+else:  # a prefill shape of the benchmark, or bench.HOST's prefill call (D = Dv)
+    host = {s[0]: (*s[:7], s[6], s[7]) for s in HOST}
+    _, b, sq, sk, h, hkv, d, dv, causal = host.get(name) or next(s for s in PREFILL if s[0] == name)
     q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, dv)
     calls = {backend: (lambda backend=backend: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale,
                                                                   backend=backend)) for backend in ("gluon", "triton")}
@@ -49,5 +50,7 @@ for _ in range(100):
 prof.disable()
 torch.cuda.synchronize()
 out = io.StringIO()
-pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+stats = pstats.Stats(prof, stream=out)
+stats.sort_stats("cumulative").print_stats(30)
+stats.sort_stats("tottime").print_stats(25)  # (where the time is spent itself: C calls, allocations)
 print(out.getvalue())
