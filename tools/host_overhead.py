@@ -17,6 +17,8 @@ import torch
 
 import attnquant as aq
 from attnquant.bench import HOST, PREFILL, bench_graph, prefill_inputs
+from triton.backends.nvidia.driver import make_tensordesc_arg
+
 from attnquant.kernels.launcher import Launches
 
 name = sys.argv[1] if len(sys.argv) > 1 else "prefill_mla_4k"
@@ -68,17 +70,23 @@ def recording_run(self, key, grid, args, constexprs, options):
     kernel = self._compiled.get(key)
     if kernel is not None:
         grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        recorded.append((kernel[grid3], (*args, *constexprs.values())))
+        recorded.append((kernel, kernel[grid3], (*args, *constexprs.values())))
 
 
 Launches.run = recording_run
 fn()
 Launches.run = run
 whole = host_us(fn)
-launches = host_us(lambda: [launch(*args) for launch, args in recorded])
+launches = host_us(lambda: [launch(*args) for _, launch, args in recorded])
 alloc = host_us(lambda: torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float8_e4m3fn, device=q.device))
-print(f"host µs of the whole call {whole:.1f}: its {len(recorded)} kernel launch(es) alone {launches:.1f}, "
-      f"one output allocation {alloc:.1f}")
+# Triton's launcher encodes every TMA descriptor argument again on every launch (driver.py's
+# make_tensordesc_arg: cuTensorMapEncodeTiled), cached descriptor objects or not
+descs = [(a, meta) for kernel, _, args in recorded
+         for a, meta in zip([a for a in args if hasattr(a, "block_shape")],
+                            getattr(kernel.metadata, "tensordesc_meta", None) or [])]
+encode = host_us(lambda: [make_tensordesc_arg(a, meta) for a, meta in descs]) if descs else 0.0
+print(f"host µs of the whole call {whole:.1f}: its {len(recorded)} kernel launch(es) alone {launches:.1f} "
+      f"(of which encoding {len(descs)} TMA descriptors {encode:.1f}), one output allocation {alloc:.1f}")
 prof = cProfile.Profile()
 prof.enable()
 for _ in range(100):
