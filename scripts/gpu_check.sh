@@ -60,9 +60,12 @@ if [ $SANITIZE = 1 ]; then
     echo "compute-sanitizer $tool: exit $?"
     grep -E "SUMMARY|off:|all calls ran" "$OUT/sanitize_$tool.log" | tail -n 3
   done
-  timeout 60 compute-sanitizer --tool racecheck python3 tools/ws_race_probe.py > "$OUT/sanitize_ws_probe.log" 2>&1
-  echo "racecheck of a bare warp_specialize kernel (tools/ws_race_probe.py): exit $?"
-  grep -E "SUMMARY|ws_race_probe ran" "$OUT/sanitize_ws_probe.log" | tail -n 2
+  # the bare probe, then with what attnquant's calls add: many CTAs, a reduction just before
+  for probe in "" "--ctas 1056" "--prior-reduce --launches 3" "--ctas 1056 --prior-reduce --launches 3"; do
+    timeout 90 compute-sanitizer --tool racecheck python3 tools/ws_race_probe.py $probe > "$OUT/sanitize_ws_probe.log" 2>&1
+    echo "racecheck of a bare warp_specialize kernel (tools/ws_race_probe.py $probe): exit $?"
+    grep -E "SUMMARY|ws_race_probe ran" "$OUT/sanitize_ws_probe.log" | tail -n 2
+  done
 fi
 if [ $TESTS = 1 ]; then
   # SIGINT at the limit: pytest still prints its summary (-rf names the failures so far)

@@ -8,7 +8,20 @@ start / end (not from attnquant's code).
 The kernel has the attnquant kernel's partition shape (two 4-warp "consumers" and a 1-warp
 "producer", register reallocation) and each partition only writes its own slice of a global
 buffer: no shared memory of its own, no barriers, nothing to race on.
+
+With 4 CTAs it reports 0 hazards, while attnquant's kernel reports ~20 a call set (sanitize_cases.py),
+all between the workers' read of their partition state at Triton's switch loop (the kernel's
+entry) and the default partition's writes of it (before the partitions start, and at the end),
+once against a torch reduction kernel that ran before on the same SM. What attnquant's calls have
+and the bare probe does not: many CTAs a launch (each SM runs several in turn) and a kernel
+using shared memory just before. The options add them, so one racecheck run tells which one
+brings the reports:
+
+    compute-sanitizer --tool racecheck python tools/ws_race_probe.py --ctas 1056 --prior-reduce
 """
+
+import argparse
+
 
 import torch
 from triton.experimental import gluon
@@ -41,11 +54,20 @@ def ws_kernel(out, value):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ctas", type=int, default=4, help="CTAs a launch (8 x the SMs: each SM runs several in turn)")
+    ap.add_argument("--prior-reduce", action="store_true", help="a torch reduction (shared memory) just before")
+    ap.add_argument("--launches", type=int, default=1)
+    args = ap.parse_args()
     out = torch.zeros(3 * N.value, device="cuda")
-    ws_kernel[(4,)](out, 1.5, num_warps=4)
+    for _ in range(args.launches):
+        if args.prior_reduce:
+            torch.randn(1 << 22, device="cuda").abs().amax()
+        ws_kernel[(args.ctas,)](out, 1.5, num_warps=4)
     torch.cuda.synchronize()
     ok = bool((out == 1.5).all())
-    print("ws_race_probe ran,", "every partition wrote its slice" if ok else "WRONG RESULT")
+    print(f"ws_race_probe ran ({args.ctas} CTAs, prior reduce {args.prior_reduce}, {args.launches} launches),",
+          "every partition wrote its slice" if ok else "WRONG RESULT")
     raise SystemExit(0 if ok else 1)
 
 
