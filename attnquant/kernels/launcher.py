@@ -52,8 +52,13 @@ class Launches:
         self._compiled: Dict[tuple, object] = {}
 
     def key(self, device: int, args: Sequence, constexprs: dict, options: dict) -> tuple:
-        """The launch key of these arguments (args: those the key must cover, in any order)."""
-        return (device, *constexprs.values(), *options.values(), *map(_spec, args))
+        """The launch key of these arguments (args: those the key must cover, in any order).
+        _spec's rule, with ints and plain tensors (most of the arguments) written inline: a
+        function call per argument was a third of the key's time (55 arguments: 12.8 -> 8.2 µs
+        on the development machine's CPU)."""
+        return (device, *constexprs.values(), *options.values(),
+                *[(a == 1, a % 16 == 0, -_I32 <= a < _I32) if type(a) is int
+                  else (a.dtype, a.data_ptr() % 16 == 0) if type(a) is torch.Tensor else _spec(a) for a in args])
 
     def __contains__(self, key) -> bool:
         return key in self._compiled
