@@ -68,8 +68,9 @@ if [ $SANITIZE = 1 ]; then
   done
 fi
 if [ $TESTS = 1 ]; then
-  # SIGINT at the limit: pytest still prints its summary (-rf names the failures so far)
-  timeout -s INT -k 30 ${SUITE_TIMEOUT:-420} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} -p no:cacheprovider \
+  # SIGINT at the limit: pytest still prints its summary (-rf names the failures so far); -v names
+  # every test that ran (the log says what a cut-off run left out), --durations the slowest
+  timeout -s INT -k 30 ${SUITE_TIMEOUT:-420} python3 -m pytest -v -n ${PYTEST_WORKERS:-8} -p no:cacheprovider --durations=40 \
     ${PYTEST_PATHS:-tests} "$@" > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20; tail -n 2 "$OUT/pytest.log"
 fi
