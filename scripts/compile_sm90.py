@@ -46,10 +46,11 @@ def signature(fn, pointers, constexprs):
 
 def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
                     paged=False, page=1, block_ptr=False, varlen=False, window=(False, True), softcap=False,
-                    kv="*bf16", sinks=False, aligned=False):
+                    kv="*bf16", sinks=False, aligned=True):
     """The portable forward for these constexprs; `aligned`: its pointers and its q/k/v/out
     strides marked divisible by 16, as Triton specializes a real call with aligned tensors and
-    strides (without it, loads compile to per-element instructions a real call does not run)."""
+    strides (without it, loads compile to per-element instructions and unpipelined shared
+    memory, which a real call does not run)."""
     ptrs = {"Q": "*bf16", "K": kv, "V": kv, "Out": out, "Lse": "*fp32", "OutScale": "*fp32",
             "BlockScale": bs, "BlockTable": "*i32", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqUsedK": "*i32",
             "Sinks": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32"}
@@ -130,13 +131,10 @@ VARIANTS = {
                                                               stages=5, paged=True, page=64, block_ptr=True),
     "decode fp8 kv cache, paged page 64, sinks, fp8 out": forward_variant(
         out="*fp8e4nv", kind=1, group=8, bm=16, bn=128, warps=4, stages=5, block_ptr=True, kv="*fp8e4nv", sinks=True),
-    # (aligned: pointers and strides divisible by 16, as a real call specializes them: the loads
-    # and the shared memory are then the real ones, cp.async stages of K and V)
     "decode fp8 kv cache, contiguous, 3 stages (74 KB: three CTAs an SM), fp8 out": forward_variant(
-        out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=3, block_ptr=True, kv="*fp8e4nv", aligned=True),
+        out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=3, block_ptr=True, kv="*fp8e4nv"),
     "decode fp8 kv cache, paged page 16 (gather, 5 stages), fp8 out": forward_variant(
-        out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=5, paged=True, page=16, kv="*fp8e4nv",
-        aligned=True),
+        out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=5, paged=True, page=16, kv="*fp8e4nv"),
     "split combine, fp8 out": combine_variant(),
     "split combine, group fp8 (G=128)": combine_variant(kind=2, group_size=128),
     "split combine, nvfp4": combine_variant(out="*u8", kind=3, group_size=16, bs="*fp8e4nv"),
