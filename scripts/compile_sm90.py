@@ -131,7 +131,11 @@ VARIANTS = {
                                                               stages=5, paged=True, page=64, block_ptr=True),
     "decode fp8 kv cache, paged page 64, sinks, fp8 out": forward_variant(
         out="*fp8e4nv", kind=1, group=8, bm=16, bn=128, warps=4, stages=5, block_ptr=True, kv="*fp8e4nv", sinks=True),
-    "decode fp8 kv cache, contiguous, 3 stages (74 KB: three CTAs an SM), fp8 out": forward_variant(
+    # the contiguous FP8 cache's decode tile (5 stages: 139 KB, one CTA an SM), and the 3-stage
+    # candidate (74 KB, three) on branch fp8-kv-decode-stages
+    "decode fp8 kv cache, contiguous, 5 stages, fp8 out": forward_variant(
+        out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=5, block_ptr=True, kv="*fp8e4nv"),
+    "decode fp8 kv cache, contiguous, 3 stages (candidate), fp8 out": forward_variant(
         out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=3, block_ptr=True, kv="*fp8e4nv"),
     "decode fp8 kv cache, paged page 16 (gather, 5 stages), fp8 out": forward_variant(
         out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=5, paged=True, page=16, kv="*fp8e4nv"),

@@ -6,9 +6,8 @@ instead of long argument lists.
 A Python number given for a field becomes a constexpr, and a field annotated as a tensor also
 takes a constexpr: an int kernel argument equal to 1 reaches the kernel as a constexpr (Triton
 specializes on it; the Gluon kernel's num_heads = 1 did) and the constructor sees it unwrapped.
-Under
-the interpreter, records work as plain objects; keep their functions free (a @triton.jit method
-on an aggregate is not found by the interpreter)."""
+Under the interpreter, records work as plain objects; keep their functions free (a @triton.jit
+method on an aggregate is not found by the interpreter)."""
 
 from triton.language import core
 from triton.runtime.jit import constexpr_function

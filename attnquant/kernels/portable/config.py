@@ -64,14 +64,11 @@ def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool, p
             return FwdConfig(block_m, 64, 4, 3, block_ptr=True)
         if page_size >= 64:  # one page per 64-key block (one table lookup); deeper pipeline
             return FwdConfig(block_m, 64, 4, 5, block_ptr=True)
-        # An FP8 block is bound by its conversion (a byte load from shared memory and an F2FP per
-        # element pair) more than by its bytes, and wants warps to hide it. Contiguous: 3 stages,
-        # 74 KB of shared memory and 168 registers, three CTAs an SM (5 stages took 139 KB, one
-        # CTA an SM, and ran 13-31 % behind the paged page-16 path, which had three). The per-key
-        # gather keeps 5 stages: 75 KB and 168 registers, three CTAs an SM; at 3 ptxas uses 255
-        # registers, two CTAs.
-        stages = 5 if kv_bytes == 1 and page_size else 3
-        return FwdConfig(block_m, 128, 4, stages, block_ptr=True)
+        # An FP8 cache's blocks are half the bytes: two more stages keep as many bytes in flight.
+        # But 5 stages take 139 KB of shared memory, one CTA an SM, and the H100 ran this 13-31 %
+        # behind the paged page-16 FP8 path (three CTAs an SM): 3 stages and finer splits are the
+        # candidate on branch fp8-kv-decode-stages, to be measured (perf-notes v45)
+        return FwdConfig(block_m, 128, 4, 3 if kv_bytes > 1 else 5, block_ptr=True)
     if head_dim <= 192 and head_dim_v <= 128:  # sweep v1: 128x64 beat 128x128 at d=128 and d=192
         return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
@@ -86,8 +83,7 @@ def num_splits_heuristic(num_tiles: int, max_seqlen_k: int, block_n: int, sms: i
     of 16 blocks (32 us), slower with 16 splits of 4 (42 us): short splits pay their
     pipeline fill, epilogue and combine traffic without enough loads to hide them.
     Pages smaller than a key block (a per-key table gather) hide their extra latency
-    better with more, shorter splits, and so do FP8 caches (a block's time is its conversion
-    more than its bytes): callers pass min_blocks_per_split=8 for those.
+    better with more, shorter splits: callers pass min_blocks_per_split=8 there.
     """
     if num_tiles >= sms:
         return 1

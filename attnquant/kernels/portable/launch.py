@@ -33,9 +33,9 @@ def num_splits_for(p: Problem, cfg: FwdConfig, requested: int, interpret: bool) 
     if requested == 0:
         device = p.q.device
         sms = 16 if interpret else num_sms(device.index if device.index is not None else torch.cuda.current_device())
-        short = (p.paged and p.page_size < cfg.block_n) or p.k.element_size() == 1  # (a gather; an FP8 cache)
+        gather = p.paged and p.page_size < cfg.block_n
         requested = num_splits_heuristic(cdiv(max(p.max_seqlen_q, 1) * p.group, cfg.block_m) * p.batch * p.num_heads_kv,
-                                         p.max_seqlen_k, cfg.block_n, sms, min_blocks_per_split=8 if short else 16)
+                                         p.max_seqlen_k, cfg.block_n, sms, min_blocks_per_split=8 if gather else 16)
     return max(1, min(requested, key_blocks))
 
 
