@@ -11,6 +11,7 @@ import torch
 
 from . import dispatch, quant, validation as check
 from .kernels.hopper.config import WsConfig
+from .kernels.launcher import owned
 from .kernels.portable.config import FwdConfig
 from .problem import Attention, Problem, make_problem
 
@@ -190,7 +191,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None
         cache_seqlens = int(cache_seqlens)
         if not 0 <= cache_seqlens <= capacity:
             raise ValueError(f"cache_seqlens={cache_seqlens} must lie in [0, {capacity}]")
-        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+        cache_seqlens = owned(torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device))
     check.check_index_tensor("cache_seqlens", cache_seqlens, q.device, 1, b)
     check.check_lengths_on_host("cache_seqlens", cache_seqlens, capacity)
     p = make_problem(q, k_cache, v_cache, sq, capacity, seqused_k=cache_seqlens, block_table=block_table, sinks=sinks,

@@ -345,27 +345,31 @@ def host_us(fn, n=HOST_CALLS) -> float:
 
 def host_table():
     """Host time of one eager call against its GPU time (CUDA-graph replay): attnquant with
-    fused FP8 out, cuDNN SDPA bf16 and FA4 bf16 (where loaded). In serving engines attention
-    often runs outside the captured graphs, once per layer: a host time above the GPU time is
-    what such a step pays."""
-    print(f"\nhost time per eager call (µs, best of 3 x {HOST_CALLS} back-to-back calls; GPU: CUDA-graph replay)")
-    print(f"{'call':<16} {'ours host':>9} {'ours GPU':>8} {'SDPA host':>9} {'SDPA GPU':>8} {'FA4 host':>8} "
-          f"{'ours/SDPA host':>14}")
+    fused FP8 out, eager and as a plan's replay (attnquant.plan: what a serving engine pays per
+    layer after one planning call a step), cuDNN SDPA bf16 and FA4 bf16 (where loaded). In
+    serving engines attention often runs outside the captured graphs, once per layer: a host
+    time above the GPU time is what such a step pays."""
+    print(f"\nhost time per call (µs, best of 3 x {HOST_CALLS} back-to-back calls; GPU: CUDA-graph replay)")
+    print(f"{'call':<16} {'ours eager':>10} {'ours plan.run':>13} {'ours GPU':>8} {'SDPA host':>9} {'SDPA GPU':>8} "
+          f"{'FA4 host':>8} {'eager/SDPA':>10} {'run/SDPA':>8}")
     scale = torch.tensor(0.02, device="cuda")
     for name, b, sq, sk, h, hkv, d, causal in HOST:
         q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, d)
         if sq == 1:
             lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
-            ours = lambda: aq.flash_attn_with_kvcache(q, k, v, lens, output_scale=scale)  # noqa: E731
+            fn, args, kw = aq.flash_attn_with_kvcache, (q, k, v, lens), dict(output_scale=scale)
         else:
-            ours = lambda: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale)  # noqa: E731
+            fn, args, kw = aq.flash_attn_func, (q, k, v), dict(causal=causal, output_scale=scale)
+        planned = aq.plan(fn, *args, **kw)
+        ours = lambda: fn(*args, **kw)  # noqa: E731
         sdpa, _ = _sdpa(q, k, v, causal)
         peer = fa4(q, k, v, causal) if sq > 1 else None
-        t = [host_us(ours), bench_graph(ours)]
+        t = [host_us(ours), host_us(lambda: planned.run(q, k, v)), bench_graph(ours)]
         t += [host_us(sdpa), bench_graph(sdpa)] if sdpa else [float("nan")] * 2
         t.append(host_us(peer) if peer else float("nan"))
-        RESULTS.setdefault("host", {})[name] = dict(zip(("ours", "ours_gpu", "sdpa", "sdpa_gpu", "fa4"), t))
-        print(f"{name:<16} {t[0]:9.1f} {t[1]:8.1f} {t[2]:9.1f} {t[3]:8.1f} {t[4]:8.1f} {t[0] / t[2]:14.2f}", flush=True)
+        RESULTS.setdefault("host", {})[name] = dict(zip(("ours", "ours_run", "ours_gpu", "sdpa", "sdpa_gpu", "fa4"), t))
+        print(f"{name:<16} {t[0]:10.1f} {t[1]:13.1f} {t[2]:8.1f} {t[3]:9.1f} {t[4]:8.1f} {t[5]:8.1f} "
+              f"{t[0] / t[3]:10.2f} {t[1] / t[3]:8.2f}", flush=True)
 
 
 def sinks_table():

@@ -18,6 +18,7 @@ from typing import List, Optional, Union
 import torch
 
 from . import quant
+from .kernels import launcher
 from .kernels.combine import Partials, launch_combine
 from .kernels.device import on_device
 from .kernels.hopper import launch as hopper
@@ -131,17 +132,24 @@ def run(p: Problem, attn: Attention, fmt: quant.OutputFormat, out: torch.Tensor,
 
 def _nvfp4_prologue(fmt: quant.OutputFormat, out: torch.Tensor, num_tokens: int, num_heads: int,
                     head_dim_v: int) -> torch.Tensor:
-    """NVFP4 only: zero the block-scale padding the kernels do not reach (SPEC: padding rows and
-    columns read 0; rows past T exist when T % 128 != 0, columns when H * Dv / 16 % 4 != 0), and
-    hand the kernels out's bytes (a float4_e2m1fn_x2 tensor viewed as uint8)."""
+    """NVFP4 only: the block scales' padding zeroed, and out's bytes for the kernels (a
+    float4_e2m1fn_x2 tensor viewed as uint8)."""
     if fmt.kind != quant.NVFP4:
         return out
-    bs = fmt.block_scale.view(torch.uint8)
+    zero_nvfp4_padding(fmt.block_scale, num_tokens, num_heads, head_dim_v)
+    return out.view(torch.uint8)
+
+
+def zero_nvfp4_padding(block_scale: torch.Tensor, num_tokens: int, num_heads: int, head_dim_v: int) -> None:
+    """Zero the NVFP4 block-scale padding the kernels do not reach (SPEC: padding rows and
+    columns read 0; rows past T exist when T % 128 != 0, columns when H * Dv / 16 % 4 != 0)."""
+    if launcher.RECORDERS:  # (a plan being made: attnquant/replay.py)
+        launcher.RECORDERS[-1].nvfp4_padding(block_scale, num_tokens, num_heads, head_dim_v)
+    bs = block_scale.view(torch.uint8)
     if (num_heads * head_dim_v // quant.NVFP4_BLOCK) % 4:
         bs.zero_()
     elif num_tokens % 128:
         bs[num_tokens // 128 * 128:].zero_()  # the last 128-row tile: one contiguous piece
-    return out.view(torch.uint8)
 
 
 @torch.library.custom_op("attnquant::fwd", mutates_args=("out", "lse", "output_block_scale"))

@@ -22,7 +22,7 @@ goes to the interpreted function as it is.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -66,21 +66,42 @@ class Launches:
     def run(self, key, grid, args: Sequence, constexprs: dict, options: dict) -> None:
         """Launch fn on `grid` with `args` (every runtime argument, in order) and `constexprs`
         (the constexpr parameters, in the kernel's order, after the runtime ones), on the current
-        device and stream; `key` from key() over the same call."""
-        kernel = self._compiled.get(key)
-        if kernel is None:
-            if self.direct:  # (the direct launch passes the constexprs by position)
-                assert self.fn.arg_names[len(args):] == list(constexprs), "constexprs out of the kernel's order"
-            kernel = self.fn[grid](*args, **constexprs, **options)
-            if self.direct:
-                self._compiled[key] = kernel
-            return
-        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        kernel[grid3](*args, *constexprs.values())
-
-    def launch(self, device: int, grid, args: Sequence, constexprs: dict, **options) -> None:
-        """key() over all of `args`, then run()."""
+        device and stream; `key` from key() over the same call (None under the interpreter)."""
+        if RECORDERS:  # (a plan being made: attnquant/replay.py)
+            RECORDERS[-1].launched(self, key, grid, args, constexprs, options)
         if not self.direct:
             self.fn[grid](*args, **constexprs, **options)
             return
-        self.run(self.key(device, args, constexprs, options), grid, args, constexprs, options)
+        kernel = self._compiled.get(key)
+        if kernel is None:
+            assert self.fn.arg_names[len(args):] == list(constexprs), "constexprs out of the kernel's order"
+            self._compiled[key] = self.fn[grid](*args, **constexprs, **options)
+            return
+        kernel[grid3(grid)](*args, *constexprs.values())
+
+    def compiled(self, key):
+        """The compiled kernel a launch with `key` ran (None before one ran, or interpreted)."""
+        return self._compiled.get(key)
+
+    def launch(self, device: int, grid, args: Sequence, constexprs: dict, **options) -> None:
+        """key() over all of `args`, then run()."""
+        self.run(self.key(device, args, constexprs, options) if self.direct else None, grid, args, constexprs, options)
+
+
+def grid3(grid) -> tuple:
+    """A launch grid as the compiled kernel takes it: three dimensions."""
+    return grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+
+
+# Plans being made (attnquant/replay.py) record every launch here, innermost last.
+RECORDERS: List = []
+
+
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """Mark `t` as made by the call itself (scratch, or a constant built from host values): a
+    plan may keep it and pass it to every replay. A tensor argument that is neither this nor
+    one of the call's own arguments (a converted copy of an input, say) makes a plan replay
+    the whole call instead."""
+    if RECORDERS:
+        RECORDERS[-1].owned(t)
+    return t

@@ -19,7 +19,7 @@ from ...problem import Attention, Problem, lse_strides, token_strides
 from ..constants import LOG2E, WG_ROWS
 from ..device import is_sm90, num_sms
 from ..epilogue import constexprs as epilogue_constexprs
-from ..launcher import Launches
+from ..launcher import Launches, owned
 from ..portable.config import split_head_dim
 from .config import SMEM_LIMIT, WsConfig, _smem_bytes, head_dims_supported, schedule, staging_fits, ws_config
 
@@ -127,6 +127,13 @@ def _cached_descriptor(ptr, dtype, rows, cols, row_stride, block_rows, col_block
     return _make_descriptor(_Address(ptr, dtype), rows, cols, row_stride, block_rows, col_block)
 
 
+def rebased(desc, ptr: int):
+    """Descriptor `desc` over the tensor of the same dtype, shape and strides at `ptr` (a plan's
+    replay: attnquant/replay.py)."""
+    (rows, cols), (row_stride, _), (block_rows, col_block) = desc.shape, desc.strides, desc.block_shape
+    return _cached_descriptor(ptr, desc.base.dtype, rows, cols, row_stride, block_rows, col_block)
+
+
 def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[torch.Tensor],
            cfg: Optional[WsConfig] = None):
     """Run the Gluon kernel on `p`: with `cfg`, or the config the problem gets (config.schedule),
@@ -144,8 +151,8 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
     pointers = (out, lse if lse is not None else dummy, fmt.scale if fmt.scale is not None else dummy,
                 fmt.block_scale if fmt.block_scale is not None else dummy,
                 p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
-                workspace(p.q.device, stream, 1 + slots),
-                torch.empty(slots * WG_ROWS * (p.head_dim_v + 2), dtype=torch.float32, device=p.q.device)
+                owned(workspace(p.q.device, stream, 1 + slots)),
+                owned(torch.empty(slots * WG_ROWS * (p.head_dim_v + 2), dtype=torch.float32, device=p.q.device))
                 if slots else dummy, p.sinks if p.sinks is not None else dummy)
     lb, lh, ls = lse_strides(lse, p.varlen)
     ints = (*token_strides(out, p.varlen), lb, lh, ls, *fmt.block_scale_strides,

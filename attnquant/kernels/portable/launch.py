@@ -14,7 +14,7 @@ from ..combine import Partials, launch_combine
 from ..constants import LOG2E
 from ..epilogue import constexprs as epilogue_constexprs
 from ..device import num_sms, on_device
-from ..launcher import Launches
+from ..launcher import Launches, owned
 from .config import FwdConfig, cdiv, forward_config, next_pow2, num_splits_heuristic, split_head_dim
 from .forward import attn_fwd_kernel
 
@@ -55,8 +55,9 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
     m_tiles = cdiv(max(p.max_seqlen_q, 1) * p.group, cfg.block_m)
     split = num_splits > 1
     if split:  # float32 partials, token-major so the combine reads rows contiguously
-        o_buf = torch.empty((num_splits, p.num_tokens, p.num_heads, p.head_dim_v), dtype=torch.float32, device=device)
-        l_buf = torch.empty((num_splits, p.num_tokens, p.num_heads), dtype=torch.float32, device=device)
+        o_buf = owned(torch.empty((num_splits, p.num_tokens, p.num_heads, p.head_dim_v), dtype=torch.float32,
+                                  device=device))
+        l_buf = owned(torch.empty((num_splits, p.num_tokens, p.num_heads), dtype=torch.float32, device=device))
         tok_per_b = 0 if p.varlen else p.max_seqlen_q
         o_strides = (o_buf.stride(0), tok_per_b * o_buf.stride(1), o_buf.stride(1), o_buf.stride(2))
         l_strides = (l_buf.stride(0), tok_per_b * l_buf.stride(1), l_buf.stride(2), l_buf.stride(1))
