@@ -46,7 +46,7 @@ def signature(fn, pointers, constexprs):
 
 def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
                     paged=False, page=1, block_ptr=False, varlen=False, window=(False, True), softcap=False,
-                    kv="*bf16", sinks=False, aligned=True):
+                    kv="*bf16", sinks=False, aligned=True, f16_dots=False):
     """The portable forward for these constexprs; `aligned`: its pointers and its q/k/v/out
     strides marked divisible by 16, as Triton specializes a real call with aligned tensors and
     strides (without it, loads compile to per-element instructions and unpipelined shared
@@ -56,7 +56,7 @@ def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", 
             "Sinks": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32"}
     c = dict(GROUP=group, DV=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv,
              VARLEN_Q=varlen, VARLEN_K=varlen, HAS_SEQUSED=paged, PAGED=paged, PAGE_SIZE=page, BLOCK_PTR=block_ptr,
-             WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, HAS_SINKS=sinks,
+             F16_DOTS=f16_dots, WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, HAS_SINKS=sinks,
              HAS_Q_DESCALE=False, HAS_K_DESCALE=kv != "*bf16", HAS_V_DESCALE=kv != "*bf16", STORE_LSE=True,
              OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0, ROUND_MANT=3, ROUND_EMIN=-6, EMULATE_ROUNDING=False,
              GROUP_SIZE=group_size, UE8M0=ue8m0)
@@ -139,6 +139,13 @@ VARIANTS = {
         out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=3, block_ptr=True, kv="*fp8e4nv"),
     "decode fp8 kv cache, paged page 16 (gather, 5 stages), fp8 out": forward_variant(
         out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=5, paged=True, page=16, kv="*fp8e4nv"),
+    # the fp16-dot candidates (FwdConfig.f16_dots): the same tiles, fewer conversions
+    "decode fp8 kv cache, contiguous, 3 stages, fp16 dots (candidate), fp8 out": forward_variant(
+        out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=3, block_ptr=True, kv="*fp8e4nv",
+        f16_dots=True),
+    "decode fp8 kv cache, paged page 16 (gather, 5 stages), fp16 dots (candidate), fp8 out": forward_variant(
+        out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=5, paged=True, page=16, kv="*fp8e4nv",
+        f16_dots=True),
     "split combine, fp8 out": combine_variant(),
     "split combine, group fp8 (G=128)": combine_variant(kind=2, group_size=128),
     "split combine, nvfp4": combine_variant(out="*u8", kind=3, group_size=16, bs="*fp8e4nv"),

@@ -7,6 +7,7 @@ import torch
 
 import attnquant as aq
 from attnquant import quant
+from attnquant.kernels.portable.config import FwdConfig
 from attnquant.reference import attention_ref_batched, attention_ref_kvcache, attention_ref_varlen
 
 from .helpers import (DEVICE, DTYPES, GLUON, ON_GPU, check_lse, check_output, format_kwargs, make_format,
@@ -193,3 +194,56 @@ def test_fp8_nan_input_gives_nan():
     out, _ = aq.flash_attn_func(q, k.view(torch.uint8).clamp(max=0x7E).view(FP8), v, causal=True,
                                 v_descale=torch.full((1, 2), float("nan"), device=DEVICE))
     assert out.isnan().all()
+
+
+def f16_dots_config():
+    """The fp16-dot candidate (FwdConfig.f16_dots) on a decode tile of this machine."""
+    return FwdConfig(16, 128, 4, 3, True, f16_dots=True) if ON_GPU else FwdConfig(16, 16, 4, 1, True, f16_dots=True)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=str)
+@pytest.mark.parametrize("magnitude", [1.0, 3e5, 1e-5], ids=["q~1", "q~3e5", "q~1e-5"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_fp8_kv_f16_dots(paged, magnitude, kind):
+    """FP8 K/V with the dots in fp16: a bf16 q scaled into fp16's range by a power of two, from
+    magnitudes past fp16's largest (65504) down to where fp16 has no normal numbers; split-KV."""
+    bsz, sk_max, h, hkv, d = 3, 600 if ON_GPU else 50, 8, 2, 128
+    lens = torch.tensor([sk_max, 1, sk_max - 9], dtype=torch.int32, device=DEVICE)
+    q = (randn(bsz, 1, h, d, dtype=torch.float32) * magnitude).bfloat16()
+    scale = d ** -0.5 / magnitude  # scores of order 1 whatever q's magnitude
+    kc, vc = randn(bsz, sk_max, hkv, d, dtype=torch.float32), randn(bsz, sk_max, hkv, d, dtype=torch.float32)
+    bt = None
+    if paged:
+        kc, bt = to_paged(kc, 16, torch.Generator().manual_seed(3))
+        vc, _ = to_paged(vc, 16, torch.Generator().manual_seed(3))
+    kw = dict(num_seqs=bsz) if paged else {}
+    kq, kd, k64 = fp8(kc, False, **kw)
+    vq, vd, v64 = fp8(vc, True, **kw)
+    ref_o, ref_lse = attention_ref_kvcache(q, k64, v64, lens, block_table=bt, softmax_scale=scale)
+    eager_o, _ = attention_ref_kvcache(q, k64.bfloat16(), v64.bfloat16(), lens, block_table=bt, softmax_scale=scale,
+                                       eager_dtype=torch.bfloat16)
+    fmt = make_format(kind, torch.bfloat16, ref_o)
+    out, lse = aq.flash_attn_with_kvcache(q, kq, vq, lens, block_table=bt, softmax_scale=scale, num_splits=2,
+                                         return_lse=True, k_descale=kd, v_descale=vd, _config=f16_dots_config(),
+                                         **format_kwargs(fmt))
+    what = f"fp16 dots paged={paged} |q|~{magnitude} {kind}"
+    check_output(out, fmt, ref_o, eager_o, what=what)
+    check_lse(lse, ref_lse, what)
+
+
+def test_fp8_kv_f16_dots_nonfinite_q_rows():
+    """With q scaled into fp16, a NaN or inf in one query row still makes that row NaN, and only
+    that row (the scale comes from the finite entries)."""
+    bsz, sk, h, hkv, d = 2, 40, 4, 1, 64
+    q = randn(bsz, 1, h, d, dtype=torch.float32).bfloat16()
+    q[0, 0, 1, 3] = float("nan")
+    q[1, 0, 2, 0] = float("inf")
+    kq, kd, _ = fp8(randn(bsz, sk, hkv, d, dtype=torch.float32), True)
+    vq, vd, _ = fp8(randn(bsz, sk, hkv, d, dtype=torch.float32), True)
+    lens = torch.full((bsz,), sk, dtype=torch.int32, device=DEVICE)
+    out, lse = aq.flash_attn_with_kvcache(q, kq, vq, lens, k_descale=kd, v_descale=vd, return_lse=True,
+                                         _config=f16_dots_config())
+    bad = torch.zeros(bsz, 1, h, dtype=torch.bool, device=DEVICE)
+    bad[0, 0, 1] = bad[1, 0, 2] = True
+    assert out[bad].isnan().all() and out[~bad].isfinite().all()
+    assert lse.transpose(1, 2)[bad].isnan().all()

@@ -80,13 +80,14 @@ def sweep():
             print(f"  {name:<14} paged{page:<3} heuristic: {t:6.1f}")
 
 
-FP8_KV_CONFIGS = [FwdConfig(16, 128, 4, 3, True), FwdConfig(16, 128, 4, 5, True), FwdConfig(16, 64, 4, 6, True),
-                  FwdConfig(16, 256, 4, 3, True)]
+FP8_KV_CONFIGS = [FwdConfig(16, 128, 4, 3, True), FwdConfig(16, 128, 4, 5, True), FwdConfig(16, 128, 4, 3, True, True),
+                  FwdConfig(16, 128, 4, 5, True, True), FwdConfig(16, 64, 4, 6, True), FwdConfig(16, 256, 4, 3, True)]
 
 
 def fp8_kv_sweep():
-    """Decode against an FP8 cache: tile configs x key splits (CUDA-graph replays, fp8 out). Its
-    blocks are half a bf16 block's bytes (kernels/portable/config.py picks from this)."""
+    """Decode against an FP8 cache: tile configs (bf16 or fp16 dots: FwdConfig.f16_dots) x key
+    splits, contiguous and in shuffled pages of 16 (CUDA-graph replays, fp8 out). Its blocks are
+    half a bf16 block's bytes (kernels/portable/config.py picks from this)."""
     print("\nFP8-KV decode sweep (µs, fp8 out, CUDA-graph replays)")
     for name, b, sk, h, hkv, d in DECODE:
         q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
@@ -94,15 +95,22 @@ def fp8_kv_sweep():
         vq, vd = aq.quantize_kv_fp8(torch.randn(b, sk, hkv, d, device="cuda"))
         lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
         scale = torch.tensor(0.02, device="cuda")
-        kw = dict(output_scale=scale, k_descale=kd, v_descale=vd)
-        for cfg in FP8_KV_CONFIGS:
-            try:
-                res = [bench_graph(lambda: aq.flash_attn_with_kvcache(q, kq, vq, lens, num_splits=ns, _config=cfg,
-                                                                      **kw)) for ns in (0, 2, 4, 8, 16)]
-                print(f"  {name:<14} {cfg} splits heur/2/4/8/16: " + " ".join(f"{t:6.1f}" for t in res), flush=True)
-            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory or registers for this tile
-                print(f"  {name:<14} {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
-        print(f"  {name:<14} default: {bench_graph(lambda: aq.flash_attn_with_kvcache(q, kq, vq, lens, **kw)):6.1f}")
+        # K and V in the same shuffled pages (one seed); as bytes, which indexing takes
+        kp, table = paged(kq.view(torch.uint8), 16, torch.Generator(device="cuda").manual_seed(0))
+        vp, _ = paged(vq.view(torch.uint8), 16, torch.Generator(device="cuda").manual_seed(0))
+        for layout, (kc, vc, bt) in (("contiguous", (kq, vq, None)),
+                                     ("page 16", (kp.view(kq.dtype), vp.view(vq.dtype), table))):
+            kw = dict(output_scale=scale, k_descale=kd, v_descale=vd, block_table=bt)
+            for cfg in FP8_KV_CONFIGS:
+                try:
+                    res = [bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, num_splits=ns, _config=cfg,
+                                                                          **kw)) for ns in (0, 2, 4, 8, 16)]
+                    print(f"  {name:<14} {layout:<10} {cfg} splits heur/2/4/8/16: "
+                          + " ".join(f"{t:6.1f}" for t in res), flush=True)
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory or registers for this tile
+                    print(f"  {name:<14} {layout:<10} {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
+            t = bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, **kw))
+            print(f"  {name:<14} {layout:<10} default: {t:6.1f}")
 
 
 def config_ab(shapes=(), rounds=3, only=()):

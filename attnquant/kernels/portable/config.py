@@ -19,6 +19,11 @@ class FwdConfig:
     num_warps: int
     num_stages: int
     block_ptr: bool = False  # K/V through block pointers instead of pointer tensors
+    # FP8 K/V: the dots in fp16, which holds every e4m3 value exactly and converts from it in one
+    # instruction a pair (bf16 takes three: 30 % fewer instructions in the decode loop, compiled
+    # here), a bf16 q scaled into fp16's range by a power of two. Off until the GPU has timed it
+    # (perf-notes v46; tools/lab_bench.py --fp8-kv-sweep).
+    f16_dots: bool = False
 
 
 def _pow2_le(x: int) -> int:

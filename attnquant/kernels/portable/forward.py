@@ -164,6 +164,24 @@ def _load_v_block(kv, blk, offs_n, MASKED: tl.constexpr, cfg):
 
 
 @triton.jit
+def _f16_exponent(qa, qb):
+    """e such that q * 2^-e has its largest finite magnitude in [2^14, 2^15] (fp16 holds it;
+    NaN and inf stay what they are), clamped to [-126, 126]; 0 for a q with no finite nonzero."""
+    a = tl.abs(qa.to(tl.float32))
+    b = tl.abs(qb.to(tl.float32))
+    amax = tl.maximum(tl.max(tl.max(tl.where(a < float("inf"), a, 0.0), 1), 0),
+                      tl.max(tl.max(tl.where(b < float("inf"), b, 0.0), 1), 0))
+    e = tl.where(amax > 0.0, tl.ceil(tl.log2(tl.maximum(amax, 1e-30))) - 15.0, 0.0)
+    return tl.minimum(tl.maximum(e, -126.0), 126.0).to(tl.int32)
+
+
+@triton.jit
+def _pow2(e):
+    """2^e, exactly, for an int32 e in [-126, 127]."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _attn_block_range(acc, l_i, m_i, qa, qb, kv, rule, blk_lo, blk_hi, MASKED: tl.constexpr, cfg):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [blk_lo, blk_hi) of `kv`,
     scored by `rule`; MASKED: the blocks need the sequence-end / window mask."""
@@ -230,7 +248,7 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PTR: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PTR: tl.constexpr, F16_DOTS: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_Q_DESCALE: tl.constexpr, HAS_K_DESCALE: tl.constexpr,
     HAS_V_DESCALE: tl.constexpr, STORE_LSE: tl.constexpr,
@@ -275,14 +293,26 @@ def attn_fwd_kernel(
 
     q_rows = Q + b.to(tl.int64) * stride_qb + (q_start + pos).to(tl.int64) * stride_qs \
         + head.to(tl.int64) * stride_qh
-    # The dots run in q's 16-bit dtype, or bf16 when q is FP8: FP8 inputs are converted in registers
-    # (their descales fold into the scales below), K/V blocks as they are loaded.
-    COMPUTE: tl.constexpr = tl.bfloat16 if Q.dtype.element_ty == tl.float8e4nv else Q.dtype.element_ty
-    qa = tl.load(q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0).to(COMPUTE)
+    # The dots run in q's 16-bit dtype, or bf16 when q is FP8, or fp16 with F16_DOTS (FP8 K/V): FP8
+    # inputs are converted in registers (their descales fold into the scales below), K/V blocks
+    # as they are loaded.
+    COMPUTE: tl.constexpr = tl.float16 if F16_DOTS else (
+        tl.bfloat16 if Q.dtype.element_ty == tl.float8e4nv else Q.dtype.element_ty)
+    qa = tl.load(q_rows[:, None] + offs_da[None, :], mask=row_ok[:, None], other=0.0)
     if BLOCK_DB > 0:
-        qb = tl.load(q_rows[:, None] + offs_db[None, :], mask=row_ok[:, None], other=0.0).to(COMPUTE)
+        qb = tl.load(q_rows[:, None] + offs_db[None, :], mask=row_ok[:, None], other=0.0)
     else:
         qb = qa
+    if F16_DOTS and Q.dtype.element_ty != tl.float16 and Q.dtype.element_ty != tl.float8e4nv:
+        # a wider q into fp16 by an exact power of two; the inverse joins the score scale
+        e = _f16_exponent(qa, qb)
+        qa = (qa.to(tl.float32) * _pow2(-e)).to(COMPUTE)
+        qb = (qb.to(tl.float32) * _pow2(-e)).to(COMPUTE)
+        qk_scale *= _pow2(e)
+        softcap_in *= _pow2(e)
+    else:
+        qa = qa.to(COMPUTE)
+        qb = qb.to(COMPUTE)
     # FP8 inputs: the real scores are s * q_descale * k_descale, the real values V * v_descale (one
     # scalar each for this program's (batch, kv head)): folded into the score scale and into the
     # final 1 / rowsum

@@ -43,11 +43,15 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
            num_splits: int, interpret: bool):
     """Run the portable forward on `p` into `out` (and `lse`); num_splits > 1: over key splits,
     merged (with the sinks) and quantized by the combine kernel."""
+    f16_dots = cfg.f16_dots and p.fp8_kv
     if interpret and p.q.dtype != torch.float16:
         # Triton 3.6's interpreter computes tl.dot wrongly for bf16 operands (values ~1e8), which
         # the kernel computes bf16 and FP8 inputs in: run it on float32 copies there, which hold
-        # their values exactly.
-        p = p.with_inputs(p.q.float(), p.k.float(), p.v.float())
+        # their values exactly (with fp16 dots, only a bf16 q's: the kernel scales it into fp16).
+        if not f16_dots:
+            p = p.with_inputs(p.q.float(), p.k.float(), p.v.float())
+        elif p.q.dtype == torch.bfloat16:
+            p = p.with_inputs(p.q.float(), p.k, p.v)
     q, k, v = p.q, p.k, p.v
     device = q.device
     block_da, block_db = split_head_dim(p.head_dim)
@@ -86,7 +90,7 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
         BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=block_dv,
         VARLEN_Q=p.cu_seqlens_q is not None, VARLEN_K=p.cu_seqlens_k is not None,
         HAS_SEQUSED=p.seqused_k is not None,
-        PAGED=p.paged, PAGE_SIZE=p.page_size, BLOCK_PTR=cfg.block_ptr,
+        PAGED=p.paged, PAGE_SIZE=p.page_size, BLOCK_PTR=cfg.block_ptr, F16_DOTS=f16_dots,
         WINDOW_LEFT=attn.window_left >= 0, WINDOW_RIGHT=attn.window_right >= 0, HAS_SOFTCAP=attn.softcap > 0,
         HAS_SINKS=p.sinks is not None and not split,
         HAS_Q_DESCALE=p.q_descale is not None, HAS_K_DESCALE=p.k_descale is not None,
