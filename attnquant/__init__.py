@@ -35,11 +35,11 @@ if not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .api import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, merge_attn_states  # noqa: E402
-from .quant import quantize_kv_fp8  # noqa: E402
+from .quant import hadamard_rotation, quantize_kv_fp8, quantize_qkv_fp8  # noqa: E402
 from .replay import CallPlan, plan  # noqa: E402  (plan once, run per layer)
 from . import blocks  # noqa: E402  (the attention block: attention -> FP8 o_proj GEMM)
 from .blocks import quantize_weight_fp8  # noqa: E402
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "merge_attn_states", "plan",
-           "CallPlan", "quantize_kv_fp8", "quantize_weight_fp8", "blocks"]
+           "CallPlan", "quantize_kv_fp8", "quantize_qkv_fp8", "hadamard_rotation", "quantize_weight_fp8", "blocks"]
 __version__ = "0.1.0"

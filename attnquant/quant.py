@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -387,3 +387,60 @@ def dequantize_kv_fp8(x_fp8: torch.Tensor, descale: torch.Tensor, cu_seqlens: Op
     seq_of_token = torch.repeat_interleave(torch.arange(len(d), device=x_fp8.device), torch.diff(cu_seqlens.long()),
                                            output_size=x_fp8.shape[0])
     return x_fp8.double() * d[seq_of_token][:, :, None]
+
+
+def hadamard_rotation(d: int, generator: Optional[torch.Generator] = None,
+                      device: Optional[torch.device] = None) -> torch.Tensor:
+    """A random orthogonal float32 (d, d) matrix R = H diag(s) / sqrt(d): Sylvester's Hadamard
+    matrix H with random signs s on its columns (d a power of two). (q R) (k R)^T = q k^T, so
+    rotating q and k alike leaves the scores as they are, while an outlier element is spread
+    over all d of its row: FP8 then rounds the row at a finer scale (FA3's incoherent
+    processing). Folded into the q and k projection weights (W_q R, W_k R), it costs nothing at
+    run time."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"hadamard_rotation needs a power-of-two size, got {d}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (d,), generator=generator).double() * 2 - 1
+    return (h * signs / math.sqrt(d)).float().to(device)
+
+
+class FP8Inputs(NamedTuple):
+    """q, k, v in e4m3 with the descales the forward functions take (`kwargs()` gives them as
+    keyword arguments), and the rotation applied to q and k (None: none)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_descale: torch.Tensor
+    k_descale: torch.Tensor
+    v_descale: torch.Tensor
+    rotation: Optional[torch.Tensor]
+
+    def kwargs(self) -> dict:
+        return dict(q_descale=self.q_descale, k_descale=self.k_descale, v_descale=self.v_descale)
+
+
+def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_tensor: bool = False,
+                     rotate_qk: bool = False, generator: Optional[torch.Generator] = None) -> FP8Inputs:
+    """Batched q (B, Sq, H, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) as FP8 attention inputs:
+    each e4m3 with descales per (batch, KV head) (q's over the query heads that share a KV head,
+    as q_descale is defined) or, with per_tensor, one each. rotate_qk: q and k multiplied by one
+    hadamard_rotation(D) first, which leaves the scores unchanged and measured FP8 attention's
+    error on FA3's test distribution at ~0.6x (tools/fp8_accuracy.py)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a (B, S, heads, dim) tensor")
+    b, sq, h, d = q.shape
+    hkv = k.shape[2]
+    if h % max(hkv, 1) or k.shape[-1] != d:
+        raise ValueError(f"q (B, Sq, H={h}, D={d}) and k (B, Sk, Hkv={hkv}, {k.shape[-1]}) do not match")
+    rotation = hadamard_rotation(d, generator, q.device) if rotate_qk else None
+    if rotation is not None:
+        q, k = q.float() @ rotation, k.float() @ rotation
+    # q's heads grouped by KV head: one descale a (batch, KV head), as the kernels read it
+    qq, qd = quantize_kv_fp8(q.reshape(b, sq, hkv, h // hkv * d), per_tensor=per_tensor)
+    kq, kd = quantize_kv_fp8(k, per_tensor=per_tensor)
+    vq, vd = quantize_kv_fp8(v, per_tensor=per_tensor)
+    return FP8Inputs(qq.reshape(b, sq, h, d), kq, vq, qd, kd, vd, rotation)

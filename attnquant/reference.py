@@ -146,3 +146,16 @@ def merge_ref(o1, l1, o2, l2, eager_dtype=None):
     if eager_dtype is not None:
         o = o.to(eager_dtype)
     return o.double(), lse.double()
+
+
+def fa3_distribution(*shape, device=None) -> torch.Tensor:
+    """FA3's test distribution for FP8 attention's accuracy: standard normal, with 0.1 % of the
+    entries drawn with standard deviation 10 instead (outliers, as activations have), float32."""
+    x = torch.randn(*shape, device=device)
+    outlier = torch.rand(*shape, device=device) < 0.001
+    return torch.where(outlier, torch.randn(*shape, device=device) * 10, x)
+
+
+def rmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Root-mean-square error, absolute (FA3's accuracy measure for FP8 attention)."""
+    return (out.double() - ref.double()).pow(2).mean().sqrt().item()

@@ -22,7 +22,7 @@ class FwdConfig:
     # FP8 K/V: the dots in fp16, which holds every e4m3 value exactly and converts from it in one
     # instruction a pair (bf16 takes three: 30 % fewer instructions in the decode loop, compiled
     # here), a bf16 q scaled into fp16's range by a power of two. Off until the GPU has timed it
-    # (perf-notes v46; tools/lab_bench.py --fp8-kv-sweep).
+    # (tools/lab_bench.py --fp8-kv-sweep): two CTAs an SM at its 207-255 registers, not three.
     f16_dots: bool = False
 
 
@@ -71,8 +71,8 @@ def forward_config(head_dim: int, head_dim_v: int, rows: int, interpret: bool, p
             return FwdConfig(block_m, 64, 4, 5, block_ptr=True)
         # An FP8 cache's blocks are half the bytes: two more stages keep as many bytes in flight.
         # But 5 stages take 139 KB of shared memory, one CTA an SM, and the H100 ran this 13-31 %
-        # behind the paged page-16 FP8 path (three CTAs an SM): 3 stages and finer splits are the
-        # candidate on branch fp8-kv-decode-stages, to be measured (perf-notes v45)
+        # behind the paged page-16 FP8 path (three CTAs an SM). The candidate, 3 stages with
+        # splits of 8 key blocks, and fp16 dots wait for tools/lab_bench.py --fp8-kv-sweep.
         return FwdConfig(block_m, 128, 4, 3 if kv_bytes > 1 else 5, block_ptr=True)
     if head_dim <= 192 and head_dim_v <= 128:  # sweep v1: 128x64 beat 128x128 at d=128 and d=192
         return FwdConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
