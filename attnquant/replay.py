@@ -35,7 +35,7 @@ from . import api
 from .kernels import launcher
 from .dispatch import zero_nvfp4_padding
 from .kernels.device import on_device
-from .kernels.hopper.launch import rebased
+from .kernels.hopper.launch import descriptor_params, rebased
 
 # per-run tensors besides the leading ones (q, k, v / the partials), in this order
 PER_RUN = ("out", "output_scale", "output_block_scale", "sinks", "q_descale", "k_descale", "v_descale")
@@ -85,11 +85,13 @@ class _ZeroPadding:
 class _Launch:
     """One recorded launch with its pointer arguments turned into slots: `fixed` the argument
     list with constants in place, `slots` (position, slot, dtype) the tensors a run supplies,
-    `descs` (position, slot, descriptor) the TMA descriptors rebuilt over them."""
+    `descs` (position, slot, descriptor_params) the TMA descriptors rebuilt over them."""
 
     def __init__(self, launches, key, grid, args, constexprs, options, slots, descs):
         self.launches, self.key, self.grid = launches, key, grid
         self.fixed, self.constexprs, self.options = list(args), constexprs, options
+        for pos, _, _ in slots + descs:  # (a plan keeps none of the planning call's inputs alive)
+            self.fixed[pos] = None
         self.slots, self.descs = slots, descs
         kernel = launches.compiled(key) if launches.direct else None
         self.kernel = kernel[launcher.grid3(grid)] if kernel is not None else None
@@ -101,8 +103,8 @@ class _Launch:
             for pos, slot, _ in self.slots:
                 args[pos] = ptrs[slot]
             if self.descs:
-                for pos, slot, desc in self.descs:
-                    args[pos] = rebased(desc, ptrs[slot])
+                for pos, slot, params in self.descs:
+                    args[pos] = rebased(params, ptrs[slot])
             self.kernel(*args, *self.tail)
             return
         for pos, slot, dtype in self.slots:  # the interpreter: tensors (views in the recorded dtype)
@@ -119,10 +121,15 @@ class CallPlan:
         if fn not in _LEADING:
             raise TypeError(f"attnquant.plan takes one of attnquant's public attention functions, got {fn!r}")
         self.fn = fn
-        bound = inspect.signature(fn).bind(*args, **kwargs)
-        self._bound = dict(bound.arguments)
-        self._names = _LEADING[fn] + PER_RUN if fn is not api.merge_attn_states else _LEADING[fn] + PER_RUN[:3]
-        self._allocate_out = self._bound.get("out") is None
+        arguments = inspect.signature(fn).bind(*args, **kwargs).arguments
+        self._lead = len(_LEADING[fn])
+        self._names = _LEADING[fn] + (PER_RUN if fn is not api.merge_attn_states else PER_RUN[:3])
+        self._i_out = self._names.index("out")
+        # what every run shares (non-tensor arguments, metadata); the per-layer tensors' defaults
+        # (the plan keeps no leading tensor or output alive)
+        self._fixed = {n: a for n, a in arguments.items() if n not in self._names}
+        self._defaults = [None if i < self._lead or i == self._i_out else arguments.get(n)
+                          for i, n in enumerate(self._names)]
         recorder = _Recorder()
         launcher.RECORDERS.append(recorder)
         try:
@@ -132,10 +139,9 @@ class CallPlan:
         out, lse = self.result
         self._out_spec = (tuple(out.shape), out.dtype, out.device)
         self._lse_spec = (tuple(lse.shape), lse.device) if lse is not None else None
-        planned = [self._bound.get(n) for n in self._names]
-        planned[self._names.index("out")] = out
-        self._planned = planned
-        self._sigs = [_signature(t) if isinstance(t, torch.Tensor) else t for t in planned] + [_signature(lse)]
+        planned = [arguments.get(n) for n in self._names]
+        planned[self._i_out] = out
+        self._sigs = [_signature(t) if isinstance(t, torch.Tensor) else t for t in planned]
         self._kept = recorder.kept  # (alive as long as the plan: the replays pass their addresses)
         self.steps = self._bind(recorder, planned + [lse])
         self.direct = self.steps is not None
@@ -150,8 +156,7 @@ class CallPlan:
         if len(slot_of) != sum(p is not None for p in ptrs):
             return None
         constant = {t.data_ptr() for t in rec.kept}
-        constant |= {t.data_ptr() for n, t in self._bound.items()
-                     if isinstance(t, torch.Tensor) and n not in self._names}
+        constant |= {t.data_ptr() for t in self._fixed.values() if isinstance(t, torch.Tensor)}
         if constant & set(slot_of):
             return None
         steps = []
@@ -170,7 +175,10 @@ class CallPlan:
                     continue
                 ptr = base.data_ptr()
                 if ptr in slot_of:
-                    (slots if base is a else descs).append((pos, slot_of[ptr], a.dtype if base is a else a))
+                    if base is a:
+                        slots.append((pos, slot_of[ptr], a.dtype))
+                    else:
+                        descs.append((pos, slot_of[ptr], descriptor_params(a)))
                 elif ptr not in constant:
                     return None
             steps.append(_Launch(launches, key, grid, args, constexprs, options, slots, descs))
@@ -179,40 +187,40 @@ class CallPlan:
     def run(self, *tensors, **named) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The planned call on these tensors: the leading ones by position (q, k, v, or
         merge_attn_states' prefix_out, prefix_lse, suffix_out, suffix_lse), the per-layer ones
-        by name (PER_RUN; omitted: the plan's). Returns (out, lse) as the call does. A tensor
-        whose dtype, shape, strides, device or 16-byte alignment differs from the plan's (or
-        None where the plan had one) raises ValueError naming it: make a new plan."""
-        names, planned = self._names, self._planned
-        if len(tensors) > len(_LEADING[self.fn]):
+        by name (PER_RUN; omitted: the plan's; `out` omitted: a new one). Returns (out, lse) as
+        the call does. A tensor whose dtype, shape, strides, device or 16-byte alignment differs
+        from the plan's (or None where the plan had one) raises ValueError naming it, and nothing
+        is written: make a new plan."""
+        names = self._names
+        if len(tensors) != self._lead:
             raise TypeError(f"run() takes the leading tensors {_LEADING[self.fn]} by position, got {len(tensors)}")
-        given = list(tensors) + planned[len(tensors):]
+        given = list(tensors) + self._defaults[self._lead:]
         for name, t in named.items():
-            if name not in names or names.index(name) < len(tensors):
-                raise TypeError(f"run() got an unexpected or repeated argument {name!r}")
-            given[names.index(name)] = t
-        i_out = names.index("out")
-        if given[i_out] is planned[i_out] and self._allocate_out and "out" not in named:
+            i = names.index(name) if name in names else 0
+            if i < self._lead:
+                raise TypeError(f"run() got an unexpected argument {name!r} (a plan fixes everything but {names})")
+            given[i] = t
+        if given[self._i_out] is None:
             shape, dtype, device = self._out_spec
-            given[i_out] = torch.empty(shape, dtype=dtype, device=device)
-        lse = torch.empty(self._lse_spec[0], dtype=torch.float32, device=self._lse_spec[1]) if self._lse_spec else None
-        given.append(lse)
+            given[self._i_out] = torch.empty(shape, dtype=dtype, device=device)
         for name, t, sig in zip(names, given, self._sigs):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-            if (_signature(t) if isinstance(t, torch.Tensor) else t) != sig:
+            if (_signature(t) if t is not None else None) != sig:
                 raise ValueError(f"{name} differs from the planned call's (dtype, shape, strides, device and "
                                  f"16-byte alignment must match, None where it was None): make a new plan")
         if not self.direct:
-            kwargs = dict(self._bound)
-            kwargs.update(zip(names, given))
-            out, lse = self.fn(**kwargs)
+            out, lse = self.fn(**self._fixed, **dict(zip(names, given)))
             return out, lse
-        ptrs = [t.data_ptr() if t is not None else 0 for t in given]
-        if given[i_out].numel():
-            with on_device(given[i_out].device):
+        lse = torch.empty(self._lse_spec[0], dtype=torch.float32, device=self._lse_spec[1]) if self._lse_spec else None
+        given.append(lse)
+        out = given[self._i_out]
+        if out.numel():
+            ptrs = [t.data_ptr() if t is not None else 0 for t in given]
+            with on_device(out.device):
                 for step in self.steps:
                     step(given, ptrs)
-        return given[i_out], lse
+        return out, lse
 
 
 def plan(fn: Callable, *args, **kwargs) -> CallPlan:

@@ -178,6 +178,20 @@ def test_replay_aliased_inputs_replay_the_whole_call():
     check_output(out, quant.OutputFormat(quant.PLAIN, dtype), ref_o, eager_o)
 
 
+def test_replay_keeps_no_input_alive():
+    """A plan holds the planning call's output (`result`) but none of its inputs."""
+    import gc
+    import weakref
+
+    dtype = DTYPES[0]
+    q, k, v = randn(1, 9, 2, 32, dtype=dtype), randn(1, 12, 2, 32, dtype=dtype), randn(1, 12, 2, 32, dtype=dtype)
+    planned = aq.plan(aq.flash_attn_func, q, k, v, causal=True)
+    refs = [weakref.ref(t) for t in (q, k, v)]
+    del q, k, v
+    gc.collect()
+    assert planned.direct and all(r() is None for r in refs)
+
+
 def test_replay_empty_batch():
     dtype = DTYPES[0]
     planned = aq.plan(aq.flash_attn_func, randn(0, 5, 2, 32, dtype=dtype), randn(0, 7, 2, 32, dtype=dtype),
@@ -202,8 +216,9 @@ def test_replay_rejects_what_the_plan_was_not_made_for():
         assert (out == 7).all()
     with pytest.raises(TypeError, match="softcap"):
         planned.run(q, k, v, softcap=1.0)
-    with pytest.raises(TypeError, match="leading"):
-        planned.run(q, k, v, q)
+    for leading in ((q, k, v, q), (q, k)):
+        with pytest.raises(TypeError, match="leading"):
+            planned.run(*leading)
     with pytest.raises(TypeError, match="public attention functions"):
         aq.plan(torch.matmul, q, k)
     with pytest.raises(ValueError, match="softmax_scale"):  # the planning call validates as always
@@ -215,7 +230,7 @@ def test_replay_compiled_launch_arguments():
     """The GPU's replay path, with a stand-in compiled kernel: the run's addresses go in as ints
     where the recorded launch had the plan's tensors, TMA descriptors are rebuilt over the run's
     tensors, everything else is passed as recorded."""
-    from attnquant.kernels.hopper.launch import _descriptor
+    from attnquant.kernels.hopper.launch import _descriptor, descriptor_params
     from attnquant.replay import _Launch
 
     calls = []
@@ -234,7 +249,7 @@ def test_replay_compiled_launch_arguments():
     desc = _descriptor(planned_k, 16, 64, 32)
     args = (desc, planned_q, scratch, 5, 0.5)
     step = _Launch(FakeLaunches(), "key", (7,), args, dict(A=1, B=True), {}, slots=[(1, 0, torch.float16)],
-                   descs=[(0, 1, desc)])
+                   descs=[(0, 1, descriptor_params(desc))])
     q, k = torch.empty_like(planned_q), torch.empty_like(planned_k)
     step([q, k], [q.data_ptr(), k.data_ptr()])
     (grid, got), = calls

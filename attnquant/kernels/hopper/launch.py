@@ -127,11 +127,18 @@ def _cached_descriptor(ptr, dtype, rows, cols, row_stride, block_rows, col_block
     return _make_descriptor(_Address(ptr, dtype), rows, cols, row_stride, block_rows, col_block)
 
 
-def rebased(desc, ptr: int):
-    """Descriptor `desc` over the tensor of the same dtype, shape and strides at `ptr` (a plan's
-    replay: attnquant/replay.py)."""
+def descriptor_params(desc) -> tuple:
+    """What a descriptor encodes besides its address: its dtype, (rows, cols), row stride and
+    block, as rebased() takes them (a plan keeps these, not the tensor)."""
     (rows, cols), (row_stride, _), (block_rows, col_block) = desc.shape, desc.strides, desc.block_shape
-    return _cached_descriptor(ptr, desc.base.dtype, rows, cols, row_stride, block_rows, col_block)
+    return desc.base.dtype, rows, cols, row_stride, block_rows, col_block
+
+
+def rebased(params: tuple, ptr: int):
+    """The descriptor of descriptor_params `params` over the tensor at `ptr` (a plan's replay:
+    attnquant/replay.py)."""
+    dtype, rows, cols, row_stride, block_rows, col_block = params
+    return _cached_descriptor(ptr, dtype, rows, cols, row_stride, block_rows, col_block)
 
 
 def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[torch.Tensor],
