@@ -7,6 +7,9 @@ prints it (every draw, labelled) together with a reproduction blob. Results are 
 attnquant.reference and checked with tests.helpers' SPEC tolerance (check_output, check_lse),
 as the hand-written tests do.
 
+A third of the examples are also planned (attnquant.plan) and replayed on copies of their
+tensors at other addresses, held to the oracle and to the call's own bits.
+
 Beyond the oracle the tests also hold the kernels to two things the SPEC implies: memory that
 the call does not describe (stride padding around q/k/v, cache slots past a sequence's length,
 pages no sequence owns, tokens past cu_seqlens_k[-1]) is never read into a result - it is
@@ -15,7 +18,7 @@ its strides, without touching its neighbours.
 
 Profiles (ATTNQUANT_FUZZ_PROFILE, default "gpu" when CUDA is available, else "ci"):
 "ci" runs a few dozen examples of tiny problems in Triton's CPU interpreter (the whole file in
-one to two minutes on two cores); "gpu" runs hundreds of examples with sequences up to 300 tokens and
+two to three minutes on two cores); "gpu" runs hundreds of examples with sequences up to 300 tokens and
 bf16 inputs as well. ATTNQUANT_FUZZ_EXAMPLES=N scales the example counts (N for the base count;
 each test runs a multiple of it, see fuzz()).
 """
@@ -31,6 +34,7 @@ from hypothesis import strategies as st
 
 import attnquant as aq
 from attnquant import quant
+from attnquant.replay import _LEADING
 from attnquant.reference import attention_ref_batched, attention_ref_kvcache, attention_ref_varlen, merge_ref
 
 from .helpers import (DEVICE, GLUON, ON_GPU, check_lse, check_nvfp4_scales, check_output, format_kwargs, group_format,
@@ -160,7 +164,10 @@ def draw_common(data, dv, in_dtype=None):
     """The output side of a call: format, out= mode, return_lse."""
     common = dict(spec=data.draw(output_formats(in_dtype, dv), label="output format"),
                   out_mode=data.draw(st.sampled_from([None, "alloc", "strided"]), label="out="),
-                  return_lse=data.draw(st.booleans(), label="return_lse"))
+                  return_lse=data.draw(st.booleans(), label="return_lse"),
+                  # (a third of the examples: a replay costs a second run of the kernels)
+                  replay=data.draw(st.sampled_from([False, False, True]),
+                                   label="also planned and replayed on copies (attnquant.plan)"))
     event(f"format {common['spec'][0]}")  # (--hypothesis-show-statistics lists how often)
     return common
 
@@ -354,6 +361,31 @@ def call_and_check(fn, args, call_kw, common, ref_o, ref_lse, eager_o, softcap=0
     got = call_or_gluon_refusal(fn, *args, return_lse=common["return_lse"], **call_kw, **kw)
     if got is not None:
         check_call(*got, out, wide, fmt, ref_o, ref_lse, eager_o, softcap, common["return_lse"])
+        if common["replay"]:
+            check_replay(fn, args, call_kw, kw, common, got, ref_o, ref_lse, eager_o, softcap)
+
+
+def twin(t):
+    """t's values, strides and storage offset (so its 16-byte alignment) at another address, the
+    rest of its storage (the poison around a strided view) copied too."""
+    flat = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+    return flat.clone().as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+def check_replay(fn, args, call_kw, kw, common, got, ref_o, ref_lse, eager_o, softcap):
+    """The call planned (attnquant.plan), then replayed on copies of its tensors at other
+    addresses, with a fresh output format and out=: held to the oracle like the call, and
+    bit for bit equal to it."""
+    event("replayed")
+    planned = aq.plan(fn, *args, return_lse=common["return_lse"], **call_kw, **kw)
+    fmt = build_format(common["spec"], ref_o)  # (new scale tensors of the same layouts)
+    run_kw, out, wide = call_kwargs(fmt, common["out_mode"], ref_o.shape)
+    run_kw = {n: t for n, t in run_kw.items() if n in ("out", "output_scale", "output_block_scale")}
+    if call_kw.get("sinks") is not None:
+        run_kw["sinks"] = twin(call_kw["sinks"])
+    res, lse = planned.run(*[twin(t) for t in args[:len(_LEADING[fn])]], **run_kw)
+    check_call(res, lse, out, wide, fmt, ref_o, ref_lse, eager_o, softcap, common["return_lse"])
+    assert torch.equal(res.view(torch.uint8), got[0].view(torch.uint8)), "replay and call differ"
 
 
 def draw_forward(data, dtype):
