@@ -258,3 +258,25 @@ def test_replay_compiled_launch_arguments():
     assert got[0].base.data_ptr() == k.data_ptr() and got[0].base.dtype == torch.float16
     assert (list(got[0].shape), list(got[0].strides), list(got[0].block_shape)) == \
         (list(desc.shape), list(desc.strides), list(desc.block_shape))
+
+
+def test_replay_gets_a_gluon_workspace_of_its_own():
+    """The Gluon kernel's tile counter is shared by the eager calls of one stream; a plan's
+    replays may run on another stream, so the planning call takes a private one."""
+    from types import SimpleNamespace
+
+    from attnquant.kernels.hopper.launch import _WORKSPACES, workspace
+    from attnquant.replay import _Recorder
+
+    stream = SimpleNamespace(cuda_stream=-12345)  # (a stream id no real call uses)
+    launcher.RECORDERS.append(_Recorder())
+    try:
+        private = [workspace(DEVICE, stream, 8) for _ in range(2)]
+    finally:
+        launcher.RECORDERS.pop()
+    assert private[0].data_ptr() != private[1].data_ptr() and not any(t.any() for t in private)
+    assert all(t is not s for t in private for s in _WORKSPACES.values())
+    if ON_GPU:  # (outside a plan: the stream's shared buffer; the capture check needs CUDA)
+        shared = workspace(DEVICE, stream, 8)
+        assert workspace(DEVICE, stream, 8) is shared and shared is _WORKSPACES[(DEVICE, -12345)]
+        del _WORKSPACES[(DEVICE, -12345)]

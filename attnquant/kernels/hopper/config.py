@@ -16,7 +16,7 @@ from ..portable.config import cdiv, split_head_dim
 # less room for the barriers and the tile-id ring: 512 B in the compiled kernels).
 SMEM_MAX = 227 * 1024 - 2 * 1024
 SMEM_LIMIT = 227 * 1024 - 8 * 1024
-# K/V bytes of the heads one L2 section of the persistent schedule covers (forward._tile_coords):
+# K/V bytes of the heads one L2 section of the persistent schedule covers (scheduler._tile_coords):
 # the CTAs in flight span about two sections, and H100's L2 is 50 MB.
 L2_SECTION_BYTES = 16 << 20
 # Per query row, the 3-consumer kernel with serial 128-key blocks took this fraction of the
@@ -33,7 +33,7 @@ class WsConfig:
     block_n: int
     num_stages: int
     pingpong: bool = False
-    # one CTA per SM taking tiles as it frees up (forward._tile_coords); False: one CTA per tile
+    # one CTA per SM taking tiles as it frees up (scheduler._tile_coords); False: one CTA per tile
     persistent: bool = True
     # 64-row consumer warpgroups per tile: 2 (FA3's 128-row tiles) or 3 (192 rows; a thread then
     # has 160 registers: 64-key blocks, or 128 without intra-warpgroup overlap)
@@ -45,12 +45,12 @@ class WsConfig:
     # epilogue through shared memory and a TMA store where the staging buffer fits (full 64-row
     # tiles; a tile cut by its sequence's end stores from registers); False: registers always
     tma_store: bool = True
-    # FA4's conditional O rescale (forward._softmax_step): the running max moves only by more
+    # FA4's conditional O rescale (softmax.softmax_step): the running max moves only by more
     # than 2^8, and a warp whose rows all kept theirs skips O *= alpha (2-6 %
     # faster on the d=128 shapes)
     lazy_rescale: bool = True
     # FA3's intra-warpgroup overlap (QK^T of block j with the softmax of j - 1's PV); False: each
-    # block's GEMMs waited for in turn (forward._serial_block), for 3 consumers with 128-key blocks
+    # block's GEMMs waited for in turn (consumer.serial_block), for 3 consumers with 128-key blocks
     intra_overlap: bool = True
     # non-causal, non-varlen persistent calls: the last wave's tiles split along the keys over the
     # CTAs the wave leaves idle, and merged in the kernel (tail_split)
@@ -111,7 +111,7 @@ def tail_split(tiles: int, ctas: int, n_blocks: int):
     """(first split tile, parts) for `tiles` tiles of equal cost on `ctas` persistent CTAs: the
     last wave's tiles (the remainder) run as `parts` units each over shares of their n_blocks key
     blocks, as many parts as keep every unit in one wave of the CTAs (at most MAX_SPLIT); the
-    kernel merges them (forward._merge_partials). (tiles, 1): nothing split."""
+    kernel merges them (consumer.Splits.merge). (tiles, 1): nothing split."""
     rem = tiles % ctas
     parts = min(ctas // rem, n_blocks, MAX_SPLIT) if rem else 1
     return (tiles - rem, parts) if parts > 1 else (tiles, 1)
@@ -157,7 +157,7 @@ def l2_section(p, section_bytes: int = L2_SECTION_BYTES) -> int:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Where one call's work runs on the persistent grid (forward._tile_work): `num_tiles` tiles
+    """Where one call's work runs on the persistent grid (scheduler._tile_work): `num_tiles` tiles
     of cfg.block_m query rows, the tiles from `split_from` on each cut into `parts` units over
     shares of the keys, on `grid` CTAs, in L2 sections of `section` batch*heads."""
 

@@ -1,6 +1,6 @@
 """Host side of the Hopper fast path: which calls it takes, the descriptors, the launch.
 
-The Gluon kernel (forward.py) reads Q/K/V through TMA descriptors over 2-D views
+The Gluon kernel (kernel.py) reads Q/K/V through TMA descriptors over 2-D views
 (tokens, heads * head_dim), so it needs heads packed next to each other in memory and
 (batched inputs) batches that follow each other. Everything it does not take goes to
 the portable kernel: decode-sized query tiles, paged / seqused caches, windows,
@@ -19,7 +19,7 @@ from ...problem import Attention, Problem, lse_strides, token_strides
 from ..constants import LOG2E, WG_ROWS
 from ..device import is_sm90, num_sms
 from ..epilogue import constexprs as epilogue_constexprs
-from ..launcher import Launches, owned
+from ..launcher import RECORDERS, Launches, owned
 from ..portable.config import split_head_dim
 from .config import SMEM_LIMIT, WsConfig, _smem_bytes, head_dims_supported, schedule, staging_fits, ws_config
 
@@ -192,12 +192,14 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
 
 
 def workspace(device, stream, size: int):
-    """int32 zeros for the unit counter (forward._producer) and the partial results' flags
+    """int32 zeros for the unit counter (pipeline.producer) and the partial results' flags
     ([1 + slot]), which the kernel leaves zero again: one buffer per (device, stream), grown as
     needed, so that a call launches no fill kernel ahead of the attention kernel (~2 µs of GPU
     time each). Calls on one stream run in order; during a CUDA graph capture each call gets a
-    buffer of its own (a memset in the graph, as the allocator keeps it for the graph)."""
-    if torch.cuda.is_current_stream_capturing():
+    buffer of its own (a memset in the graph, as the allocator keeps it for the graph), and so
+    does a plan being made (attnquant.plan: its replays may run on another stream than the one
+    this buffer serves)."""
+    if RECORDERS or torch.cuda.is_current_stream_capturing():
         return torch.zeros(size, dtype=torch.int32, device=device)
     key = (device, stream.cuda_stream)
     buf = _WORKSPACES.get(key)
