@@ -428,7 +428,7 @@ def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_tens
     each e4m3 with descales per (batch, KV head) (q's over the query heads that share a KV head,
     as q_descale is defined) or, with per_tensor, one each. rotate_qk: q and k multiplied by one
     hadamard_rotation(D) first, which leaves the scores unchanged and measured FP8 attention's
-    error on FA3's test distribution at ~0.6x (tools/fp8_accuracy.py)."""
+    error on FA3's test distribution at 0.5-0.75x of the unrotated (tools/fp8_accuracy.py)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a (B, S, heads, dim) tensor")

@@ -281,9 +281,10 @@ def test_quantize_qkv_fp8(per_tensor):
 def test_fp8_attention_accuracy_fa3_distribution(rotate):
     """FP8 attention's error on FA3's test distribution against float64 attention of the
     unquantized inputs (absolute RMSE): FA3 reports 2.4e-2 for its baseline FP8 attention and
-    9.1e-3 with block quantization and a Hadamard rotation. Ours at least as good on the GPU's
-    shape (the CPU's is smaller: its rotated error runs ~9e-3 to 1.2e-2), and the kernel
-    within 10 % of the error of its quantized inputs alone."""
+    9.1e-3 with block quantization and a Hadamard rotation. Ours (the quantized inputs alone,
+    over 12 draws of the GPU's shape): 1.5-1.8e-2 and 7.4-8.8e-3, so the bounds are loose by
+    20-35 % (the CPU's smaller shape runs higher: 9e-3 to 1.2e-2 rotated over 30 draws); the
+    kernel within 10 % of the error of its quantized inputs alone."""
     b, s, h, d = (1, 2048, 8, 128) if ON_GPU else (1, 256, 2, 128)
     q, k, v = (fa3_distribution(b, s, h, d, device=DEVICE) for _ in range(3))
     ref, _ = attention_ref_batched(q.double(), k.double(), v.double())
@@ -294,4 +295,4 @@ def test_fp8_attention_accuracy_fa3_distribution(rotate):
     out, _ = aq.flash_attn_func(x.q, x.k, x.v, **x.kwargs())
     err, err_model = rmse(out, ref), rmse(model, ref)
     assert err <= 1.1 * err_model + 2e-4, (err, err_model)
-    assert err <= (9.1e-3 if ON_GPU else 1.4e-2) if rotate else err <= 2.4e-2, err
+    assert err <= (1.1e-2 if ON_GPU else 1.4e-2) if rotate else err <= 2.4e-2, err
