@@ -5,7 +5,7 @@
 The Gluon kernel (sm_90): causal and not, head dims 64 / 128 / 192-128, 2 and 3 consumer
 warpgroups, varlen, the split last wave (a small non-causal batched call splits its tiles over
 the idle SMs), every output format; the portable kernel: decode against contiguous and paged
-caches with split-KV, windows and softcap, varlen; merge_attn_states. Shapes are tiny: the
+caches with split-KV, windows and softcap, varlen; merge_attn_states; plan/run replays. Shapes are tiny: the
 sanitizers run the kernels 10-100x slower. Every result is checked against the float64
 reference loosely (a sanitizer run is not a numerics test; this catches a call that silently
 did nothing), and the script exits non-zero if one is off.
@@ -145,6 +145,21 @@ def main():
         kw = formats(ref)["fp8"]
         out, _ = aq.flash_attn_func(qs, ks, vs, causal=True, sinks=sinks, backend="gluon", **kw)
         check("gluon sinks causal d64 fp8", out, kw, ref)
+    # plan/run: replays pass raw addresses and rebuilt TMA descriptors (memcheck's to check)
+    ref, _ = attention_ref_kvcache(q, kc, vc, seqlens)
+    kw = formats(ref)["nvfp4"]
+    step = aq.plan(aq.flash_attn_with_kvcache, q, kc, vc, seqlens, num_splits=4, **kw)
+    q2, kc2, vc2 = randn(b, 1, h, d), randn(b, 1024, hkv, d), randn(b, 1024, hkv, d)
+    ref, _ = attention_ref_kvcache(q2, kc2, vc2, seqlens)
+    kw = formats(ref)["nvfp4"]
+    out, _ = step.run(q2, kc2, vc2, output_scale=kw["output_scale"], output_block_scale=kw["output_block_scale"])
+    check("plan.run decode split-KV nvfp4", out, kw, ref)
+    if DEV == "cuda" and torch.cuda.get_device_capability() == (9, 0):
+        step = aq.plan(aq.flash_attn_func, qs, ks, vs, causal=True, backend="gluon")
+        qs, ks, vs = randn(1, 200, 4, 64), randn(1, 200, 2, 64), randn(1, 200, 2, 64)
+        ref, _ = attention_ref_batched(qs, ks, vs, causal=True)
+        out, _ = step.run(qs, ks, vs)
+        check("plan.run gluon causal d64 bf16", out, {}, ref)
     t, dv = 50, 128
     pre, suf = randn(t, h, dv), randn(t, h, dv)
     lp, ls = torch.randn(h, t, device=DEV), torch.randn(h, t, device=DEV)
