@@ -153,6 +153,9 @@ VARIANTS = {
     "merge_attn_states, bf16 parts, fp8 out": combine_variant(parts="*bf16", suffix=True),
     "gluon d128 causal, fp8 out": gluon_variant(),
     "gluon d64 gqa (gpt-oss), sinks, fp8 out": gluon_variant(d=64, dv=64, group=8, sinks=True),
+    # a d=64 candidate (lab_bench --configs): FA3's 192-row tiles, three consumers, 128-key blocks
+    "gluon d64 causal gqa, 3 consumers, 128-key blocks (candidate), fp8 out": gluon_variant(
+        d=64, dv=64, group=4, consumers=3, block_n=128, intra_overlap=True, auto_consumers=False),
     "gluon d192-128 mqa, group fp8 (G=128)": gluon_variant(kind=2, group_size=128, d=192, group=16),
     "gluon d64 varlen non-causal, bf16 out": gluon_variant(out="*bf16", kind=0, d=64, dv=64, varlen=True,
                                                            causal=False),

@@ -2,7 +2,7 @@
 
     python tools/lab_bench.py --sweep            # portable-kernel tile / split sweeps (kernels/portable/config.py)
     python tools/lab_bench.py --fp8-kv-sweep     # the same for decode against an FP8 cache
-    python tools/lab_bench.py --configs [SHAPE]  # Gluon WsConfig options vs the default, interleaved
+    python tools/lab_bench.py --configs [SHAPE]  # Gluon WsConfig options vs the default, interleaved (d64: 3 consumers)
     python tools/lab_bench.py --formats          # each output format's cost, ping-pong off / on
     python tools/lab_bench.py --spread           # per-launch spread, Gluon kernel vs cuDNN
     python tools/lab_bench.py --power            # launch times next to the SM clock and power draw
@@ -129,14 +129,24 @@ def config_ab(shapes=(), rounds=3, only=()):
         configs["L2 sections 64 MB"] = replace(base, l2_section_bytes=64 << 20)
         half = ws_config(d, dv, block_n=base.block_n // 2)  # (with the stages that then fit)
         configs[f"block_n {half.block_n}, {half.num_stages} stages"] = half
+        # 192-row tiles (FA3's for d 64): three consumers, 64-key blocks, or at d <= 64 (O in 32
+        # registers a thread) 128-key blocks with the intra-warpgroup overlap, which compile
+        # without spills in the key-block loops (scripts/compile_sm90.py)
+        three = replace(ws_config(d, dv, consumers=3), auto_consumers=False)
+        configs[f"3 consumers, block_n {three.block_n}, {three.num_stages} stages"] = three
+        if max(d, dv) <= 64:
+            wide = replace(ws_config(d, dv, block_n=128, consumers=3), auto_consumers=False, intra_overlap=True)
+            configs[f"3 consumers, block_n 128, {wide.num_stages} stages"] = wide
         configs = {label: c for label, c in configs.items()
                    if not only or label == "default" or any(x in label for x in only)}
         fns = [_gluon_fp8(q, k, v, causal, scale, cfg) for cfg in configs.values()]
-        for fn in fns:  # each config's kernel compiled before the timed rounds
-            fn()
+        outs = [fn()[0].float() * scale for fn in fns]  # (each config compiled before the timed rounds)
+        amax = outs[0].abs().max().item()
         t = interleaved(fns, rounds)
-        for label, x in zip(configs, t):
-            print(f"  {name:<18} {label:<34} {x:7.0f} ({flops / x * 1e-6:4.0f} TF) {x / t[0]:6.3f}", flush=True)
+        for label, x, o in zip(configs, t, outs):
+            off = (o - outs[0]).abs().max().item() / max(amax, 1e-6)  # a config that computes wrong is flagged
+            print(f"  {name:<18} {label:<40} {x:7.0f} ({flops / x * 1e-6:4.0f} TF) {x / t[0]:6.3f}"
+                  f"{'' if off < 0.05 else f'   OUTPUT OFF by {off:.2f} of max|O|'}", flush=True)
 
 
 def format_costs():
