@@ -281,11 +281,12 @@ def test_quantize_qkv_fp8(per_tensor):
 def test_fp8_attention_accuracy_fa3_distribution(rotate):
     """FP8 attention's error on FA3's test distribution against float64 attention of the
     unquantized inputs (absolute RMSE): FA3 reports 2.4e-2 for its baseline FP8 attention and
-    9.1e-3 with block quantization and a Hadamard rotation. Ours (the quantized inputs alone,
-    over 12 draws of the GPU's shape): 1.5-1.8e-2 and 7.4-8.8e-3, so the bounds are loose by
-    20-35 % (the CPU's smaller shape runs higher: 9e-3 to 1.2e-2 rotated over 30 draws); the
-    kernel within 10 % of the error of its quantized inputs alone."""
-    b, s, h, d = (1, 2048, 8, 128) if ON_GPU else (1, 256, 2, 128)
+    9.1e-3 with block quantization and a Hadamard rotation. Ours, the quantized inputs alone:
+    at the GPU's shape 1.5-1.8e-2 and 7.4-8.8e-3 over 12 draws; at the CPU's, 1.6e-2 and
+    1.1e-2 at most over 100 draws (median 9.0e-3), and an outlier landing where many rows
+    look can push one draw past that: the bounds are loose (the script tools/fp8_accuracy.py
+    prints the numbers). The kernel is held tightly to the error of its quantized inputs."""
+    b, s, h, d = (1, 2048, 8, 128) if ON_GPU else (2, 256, 4, 128)
     q, k, v = (fa3_distribution(b, s, h, d, device=DEVICE) for _ in range(3))
     ref, _ = attention_ref_batched(q.double(), k.double(), v.double())
     x = aq.quantize_qkv_fp8(q, k, v, rotate_qk=rotate)
@@ -295,4 +296,4 @@ def test_fp8_attention_accuracy_fa3_distribution(rotate):
     out, _ = aq.flash_attn_func(x.q, x.k, x.v, **x.kwargs())
     err, err_model = rmse(out, ref), rmse(model, ref)
     assert err <= 1.1 * err_model + 2e-4, (err, err_model)
-    assert err <= (1.1e-2 if ON_GPU else 1.4e-2) if rotate else err <= 2.4e-2, err
+    assert err <= (1.2e-2 if ON_GPU else 1.5e-2) if rotate else err <= 2.4e-2, err
