@@ -27,13 +27,15 @@ if name == "decode":
     _, b, sq, sk, h, hkv, d, causal = next(s for s in HOST if s[2] == 1)
     q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, d)
     lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
-    calls = {"triton": lambda: aq.flash_attn_with_kvcache(q, k, v, lens, output_scale=scale)}
+    specs = {"triton": (aq.flash_attn_with_kvcache, (q, k, v, lens), dict(output_scale=scale))}
 else:  # a prefill shape of the benchmark, or bench.HOST's prefill call (D = Dv)
     host = {s[0]: (*s[:7], s[6], s[7]) for s in HOST}
     _, b, sq, sk, h, hkv, d, dv, causal = host.get(name) or next(s for s in PREFILL if s[0] == name)
     q, k, v = prefill_inputs(b, sq, sk, h, hkv, d, dv)
-    calls = {backend: (lambda backend=backend: aq.flash_attn_func(q, k, v, causal=causal, output_scale=scale,
-                                                                  backend=backend)) for backend in ("gluon", "triton")}
+    specs = {backend: (aq.flash_attn_func, (q, k, v), dict(causal=causal, output_scale=scale, backend=backend))
+             for backend in ("gluon", "triton")}
+# each call as a function of nothing; specs keep (function, arguments) for attnquant.plan
+calls = {backend: (lambda f=f, a=a, kw=kw: f(*a, **kw)) for backend, (f, a, kw) in specs.items()}
 
 
 def host_us(fn, n=200):
@@ -84,6 +86,13 @@ descs = [(a, meta) for kernel, _, args in recorded
 encode = host_us(lambda: [make_tensordesc_arg(a, meta) for a, meta in descs]) if descs else 0.0
 print(f"host µs of the whole call {whole:.1f}: its {len(recorded)} kernel launch(es) alone {launches:.1f} "
       f"(of which encoding {len(descs)} TMA descriptors {encode:.1f}), one output allocation {alloc:.1f}")
+# the same call as a plan's replay (attnquant.plan): what is left of it is the launches, the
+# output allocation and the run's own Python (signature checks, arguments)
+f, a, kw = next(iter(specs.values()))
+planned = aq.plan(f, *a, **kw)
+run_us = host_us(lambda: planned.run(*a[:3]))
+print(f"host µs of plan.run: {run_us:.1f} (direct replay: {planned.direct}); the run's Python beyond the "
+      f"launches and the allocation: {run_us - launches - alloc:.1f}")
 prof = cProfile.Profile()
 prof.enable()
 for _ in range(100):
