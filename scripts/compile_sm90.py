@@ -46,7 +46,7 @@ def signature(fn, pointers, constexprs):
 
 def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", group=1, da=128, db=0, dv=128, bm=128, bn=64, warps=8, stages=3,
                     paged=False, page=1, block_ptr=False, varlen=False, window=(False, True), softcap=False,
-                    kv="*bf16", sinks=False, aligned=True, f16_dots=False):
+                    kv="*bf16", sinks=False, aligned=True, f16_dots=False, pdl=False):
     """The portable forward for these constexprs; `aligned`: its pointers and its q/k/v/out
     strides marked divisible by 16, as Triton specializes a real call with aligned tensors and
     strides (without it, loads compile to per-element instructions and unpipelined shared
@@ -56,7 +56,7 @@ def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", 
             "Sinks": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32"}
     c = dict(GROUP=group, DV=dv, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DA=da, BLOCK_DB=db, BLOCK_DV=dv,
              VARLEN_Q=varlen, VARLEN_K=varlen, HAS_SEQUSED=paged, PAGED=paged, PAGE_SIZE=page, BLOCK_PTR=block_ptr,
-             F16_DOTS=f16_dots, WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, HAS_SINKS=sinks,
+             F16_DOTS=f16_dots, LAUNCH_DEPENDENTS=pdl, WINDOW_LEFT=window[0], WINDOW_RIGHT=window[1], HAS_SOFTCAP=softcap, HAS_SINKS=sinks,
              HAS_Q_DESCALE=False, HAS_K_DESCALE=kv != "*bf16", HAS_V_DESCALE=kv != "*bf16", STORE_LSE=True,
              OUT_KIND=kind, FP8_MAX=448.0 if kind else 0.0, ROUND_MANT=3, ROUND_EMIN=-6, EMULATE_ROUNDING=False,
              GROUP_SIZE=group_size, UE8M0=ue8m0)
@@ -70,12 +70,14 @@ def forward_variant(out="*bf16", kind=0, group_size=1, ue8m0=False, bs="*fp32", 
     return src, dict(num_warps=warps, num_stages=stages)
 
 
-def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*fp32", suffix=False, bs="*fp32"):
+def combine_variant(out="*fp8e4nv", kind=1, group_size=1, ue8m0=False, parts="*fp32", suffix=False, bs="*fp32",
+                    pdl=False):
     ptrs = {"OPart": parts, "LsePart": "*fp32", "OSuffix": parts, "LseSuffix": "*fp32", "Out": out, "Lse": "*fp32",
             "OutScale": "*fp32", "BlockScale": bs, "Sinks": "*fp32"}
-    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, HAS_SUFFIX=suffix, HAS_SINKS=not suffix, STORE_LSE=True, OUT_KIND=kind, FP8_MAX=448.0, ROUND_MANT=3, ROUND_EMIN=-6,
+    c = dict(DV=128, BLOCK_R=16, BLOCK_DV=128, HAS_SUFFIX=suffix, HAS_SINKS=not suffix, STORE_LSE=True, WAIT_PRIOR=pdl, OUT_KIND=kind, FP8_MAX=448.0, ROUND_MANT=3, ROUND_EMIN=-6,
              EMULATE_ROUNDING=False, GROUP_SIZE=group_size, UE8M0=ue8m0)
-    return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), dict(num_warps=4)
+    return ASTSource(fn=combine_kernel, signature=signature(combine_kernel, ptrs, c), constexprs=c), \
+        dict(num_warps=4, **({"launch_pdl": True} if pdl else {}))
 
 
 def gluon_variant(out="*fp8e4nv", kind=1, group_size=1, d=128, dv=128, group=1, varlen=False, causal=True,
@@ -132,7 +134,7 @@ VARIANTS = {
     "decode fp8 kv cache, paged page 64, sinks, fp8 out": forward_variant(
         out="*fp8e4nv", kind=1, group=8, bm=16, bn=128, warps=4, stages=5, block_ptr=True, kv="*fp8e4nv", sinks=True),
     # the contiguous FP8 cache's decode tile (5 stages: 139 KB, one CTA an SM), and the 3-stage
-    # candidate (74 KB, three) on branch fp8-kv-decode-stages
+    # candidate (74 KB, three; lab_bench --fp8-kv-sweep times it)
     "decode fp8 kv cache, contiguous, 5 stages, fp8 out": forward_variant(
         out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=5, block_ptr=True, kv="*fp8e4nv"),
     "decode fp8 kv cache, contiguous, 3 stages (candidate), fp8 out": forward_variant(
@@ -146,6 +148,10 @@ VARIANTS = {
     "decode fp8 kv cache, paged page 16 (gather, 5 stages), fp16 dots (candidate), fp8 out": forward_variant(
         out="*fp8e4nv", kind=1, group=16, bm=16, bn=128, warps=4, stages=5, paged=True, page=16, kv="*fp8e4nv",
         f16_dots=True),
+    # the PDL candidate (FwdConfig.pdl): the split decode's forward triggers its combine, which waits
+    "decode 16-row tile, split, PDL trigger (candidate)": forward_variant(out="*fp32", group=16, bm=16, bn=128,
+                                                                         warps=4, block_ptr=True, pdl=True),
+    "split combine, fp8 out, PDL wait (candidate)": combine_variant(pdl=True),
     "split combine, fp8 out": combine_variant(),
     "split combine, group fp8 (G=128)": combine_variant(kind=2, group_size=128),
     "split combine, nvfp4": combine_variant(out="*u8", kind=3, group_size=16, bs="*fp8e4nv"),

@@ -95,6 +95,38 @@ def test_split_matches_no_split(num_splits):
     assert torch.allclose(la[fin], lb[fin], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["plain", torch.float8_e4m3fn, "nvfp4"], ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_split_combine_as_dependent_launch(paged, kind):
+    """FwdConfig.pdl: the split combine launched as a programmatic dependent of the forward
+    (the forward triggers it as it starts, the combine waits for its results): the same bits
+    as the ordered launches, and the oracle's answer. (The interpreter has no PDL: there the
+    flag changes nothing, and this holds trivially.)"""
+    from dataclasses import replace
+
+    from attnquant.kernels.portable.config import forward_config
+
+    dtype = DTYPES[0]
+    q, kc, vc, lens = decode_inputs(dtype, 1, (8, 2), dims=(64, 64))
+    bt = None
+    if paged:
+        kc, bt = to_paged(kc, 16, torch.Generator().manual_seed(4))
+        vc, _ = to_paged(vc, 16, torch.Generator().manual_seed(4))
+    ref_o, ref_lse = attention_ref_kvcache(q, kc, vc, lens, block_table=bt)
+    eager_o, _ = attention_ref_kvcache(q, kc, vc, lens, block_table=bt, eager_dtype=dtype)
+    fmt = make_format(kind, dtype, ref_o)
+    cfg = forward_config(64, 64, 8, not ON_GPU, 16 if paged else 0)
+    kw = dict(block_table=bt, num_splits=3, return_lse=True, **format_kwargs(fmt))
+    a, la = aq.flash_attn_with_kvcache(q, kc, vc, lens, _config=cfg, **kw)
+    scales = None if fmt.block_scale is None else fmt.block_scale.clone()
+    b, lb = aq.flash_attn_with_kvcache(q, kc, vc, lens, _config=replace(cfg, pdl=True), **kw)
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and torch.equal(la, lb)
+    if scales is not None:
+        assert torch.equal(scales.view(torch.uint8), fmt.block_scale.view(torch.uint8))
+    check_output(b, fmt, ref_o, eager_o)
+    check_lse(lb, ref_lse)
+
+
 @pytest.mark.parametrize("window", [(20, -1), (5, 0)], ids=str)
 def test_kvcache_window_softcap(window):
     dtype = DTYPES[0]

@@ -59,7 +59,8 @@ def sweep():
         vc = torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16)
         lens = torch.full((b,), sk, dtype=torch.int32, device="cuda")
         scale = torch.tensor(0.02, device="cuda")
-        for cfg in (FwdConfig(16, 128, 4, 3, False), FwdConfig(16, 128, 4, 3, True), FwdConfig(16, 64, 4, 4, True)):
+        for cfg in (FwdConfig(16, 128, 4, 3, False), FwdConfig(16, 128, 4, 3, True), FwdConfig(16, 64, 4, 4, True),
+                    FwdConfig(16, 128, 4, 3, True, pdl=True)):  # (pdl: the split combine as a dependent launch)
             res = [bench_graph(lambda: aq.flash_attn_with_kvcache(q, kc, vc, lens, output_scale=scale,
                                                                   num_splits=ns, _config=cfg))
                    for ns in (1, 2, 4, 8, 16)]

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .epilogue import constexprs as epilogue_constexprs, nan_max, store_output
 from .launcher import Launches
@@ -43,11 +44,13 @@ def combine_kernel(
     stride_lb, stride_ls, stride_lh,
     stride_bsb, stride_bss, stride_bsh, stride_bsg,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_SUFFIX: tl.constexpr, HAS_SINKS: tl.constexpr, STORE_LSE: tl.constexpr,
+    HAS_SUFFIX: tl.constexpr, HAS_SINKS: tl.constexpr, STORE_LSE: tl.constexpr, WAIT_PRIOR: tl.constexpr,
     OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_MANT: tl.constexpr, ROUND_EMIN: tl.constexpr,
     EMULATE_ROUNDING: tl.constexpr, GROUP_SIZE: tl.constexpr, UE8M0: tl.constexpr,
 ):
     # Rows are (token, head) pairs; tokens run over batch * seqlen (or total_q).
+    if WAIT_PRIOR:  # launched as a programmatic dependent: the forward's partials are complete after this
+        gdc_wait()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
     tok = (rows // num_heads).to(tl.int64)
@@ -112,10 +115,11 @@ class Partials:
 
 def launch_combine(parts: Partials, suffix: Optional[Partials], out: torch.Tensor, out_strides, lse, lse_strides,
                    num_tokens: int, num_heads: int, tokens_per_batch: int, head_dim_v: int, fmt, sinks=None,
-                   interpret: bool = False):
+                   interpret: bool = False, pdl: bool = False):
     """Merge `parts` (and `suffix`, one more partial) into `out` in format `fmt`, with each head's
     sink logit (sinks (H,), or None) counted once; out_strides / lse_strides: (batch, token,
-    head) with tokens_per_batch tokens a batch."""
+    head) with tokens_per_batch tokens a batch. pdl: launched as a programmatic dependent of
+    the kernel before it (which triggers it), waiting for its results in the kernel."""
     dummy = parts.out
     rows = num_tokens * num_heads
     sfx = suffix if suffix is not None else Partials(dummy, (0, 0, 0), dummy, (0, 0, 0))
@@ -127,8 +131,9 @@ def launch_combine(parts: Partials, suffix: Optional[Partials], out: torch.Tenso
             *out_strides, *lse_strides, *fmt.block_scale_strides)
     constexprs = dict(DV=head_dim_v, BLOCK_R=COMBINE_ROWS, BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
                       HAS_SUFFIX=suffix is not None, HAS_SINKS=sinks is not None, STORE_LSE=lse is not None,
-                      **epilogue_constexprs(fmt, interpret))
-    _COMBINE.launch(out.device.index, (-(-rows // COMBINE_ROWS),), args, constexprs, num_warps=4)
+                      WAIT_PRIOR=pdl, **epilogue_constexprs(fmt, interpret))
+    _COMBINE.launch(out.device.index, (-(-rows // COMBINE_ROWS),), args, constexprs, num_warps=4,
+                    **({"launch_pdl": True} if pdl else {}))
 
 
 _COMBINE = Launches(combine_kernel)

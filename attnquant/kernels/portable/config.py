@@ -24,6 +24,10 @@ class FwdConfig:
     # here), a bf16 q scaled into fp16's range by a power of two. Off until the GPU has timed it
     # (tools/lab_bench.py --fp8-kv-sweep): two CTAs an SM at its 207-255 registers, not three.
     f16_dots: bool = False
+    # split-KV: the combine launched as a programmatic dependent (PDL) that the forward triggers
+    # as it starts, so the combine's launch overlaps the forward instead of following it (in a
+    # CUDA graph too). Off until the GPU has timed it (tools/lab_bench.py --sweep).
+    pdl: bool = False
 
 
 def _pow2_le(x: int) -> int:

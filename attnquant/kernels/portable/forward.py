@@ -22,6 +22,7 @@ Scores live in the log2 domain: exp2 with softmax_scale * log2(e) folded in.
 import triton
 import triton.language as tl
 from triton.language.core import constexpr
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ..constants import LN2_C as LN2, LOG2E_C as LOG2E
 from ..epilogue import add_sink, nan_if_inf, store_output
@@ -249,7 +250,7 @@ def attn_fwd_kernel(
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_PTR: tl.constexpr, F16_DOTS: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_Q_DESCALE: tl.constexpr, HAS_K_DESCALE: tl.constexpr,
     HAS_V_DESCALE: tl.constexpr, STORE_LSE: tl.constexpr,
     OUT_KIND: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_MANT: tl.constexpr, ROUND_EMIN: tl.constexpr,
@@ -258,6 +259,8 @@ def attn_fwd_kernel(
     # Grid (m-tiles, batch * kv-heads, splits), started x-fastest: the tiles of one KV head
     # run together (its K/V stays in L2), each head's last m-tiles (under a causal mask
     # the longest) first, so the grid ends on short tiles.
+    if LAUNCH_DEPENDENTS:  # (the split combine, launched as a programmatic dependent, may start now)
+        gdc_launch_dependents()
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)

@@ -44,6 +44,7 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
     """Run the portable forward on `p` into `out` (and `lse`); num_splits > 1: over key splits,
     merged (with the sinks) and quantized by the combine kernel."""
     f16_dots = cfg.f16_dots and p.fp8_kv
+    pdl = cfg.pdl and num_splits > 1 and not interpret  # (no PDL in the interpreter)
     if interpret and p.q.dtype != torch.float16:
         # Triton 3.6's interpreter computes tl.dot wrongly for bf16 operands (values ~1e8), which
         # the kernel computes bf16 and FP8 inputs in: run it on float32 copies there, which hold
@@ -90,7 +91,7 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
         BLOCK_DA=block_da, BLOCK_DB=block_db, BLOCK_DV=block_dv,
         VARLEN_Q=p.cu_seqlens_q is not None, VARLEN_K=p.cu_seqlens_k is not None,
         HAS_SEQUSED=p.seqused_k is not None,
-        PAGED=p.paged, PAGE_SIZE=p.page_size, BLOCK_PTR=cfg.block_ptr, F16_DOTS=f16_dots,
+        PAGED=p.paged, PAGE_SIZE=p.page_size, BLOCK_PTR=cfg.block_ptr, F16_DOTS=f16_dots, LAUNCH_DEPENDENTS=pdl,
         WINDOW_LEFT=attn.window_left >= 0, WINDOW_RIGHT=attn.window_right >= 0, HAS_SOFTCAP=attn.softcap > 0,
         HAS_SINKS=p.sinks is not None and not split,
         HAS_Q_DESCALE=p.q_descale is not None, HAS_K_DESCALE=p.k_descale is not None,
@@ -105,4 +106,4 @@ def launch(p: Problem, attn: Attention, fmt, out: torch.Tensor, lse: Optional[to
             launch_combine(Partials(o_buf, (o_buf.stride(0), o_buf.stride(1), o_buf.stride(2)), l_buf,
                                     (l_buf.stride(0), l_buf.stride(1), l_buf.stride(2)), num_splits), None,
                            out, token_strides(out, p.varlen), lse, (lb, ls, lh), p.num_tokens, p.num_heads,
-                           p.num_tokens if p.varlen else p.max_seqlen_q, p.head_dim_v, fmt, p.sinks, interpret)
+                           p.num_tokens if p.varlen else p.max_seqlen_q, p.head_dim_v, fmt, p.sinks, interpret, pdl)
