@@ -421,6 +421,15 @@ class FP8Inputs(NamedTuple):
     def kwargs(self) -> dict:
         return dict(q_descale=self.q_descale, k_descale=self.k_descale, v_descale=self.v_descale)
 
+    def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The float64 values q, k, v stand for (rotated, if they were): each stored value times
+        its descale, q's (B, Hkv) descale shared by the query heads of its KV head."""
+        def deq(x, d, heads):
+            d = d.double()
+            return x.double() * (d if d.dim() == 0 else d.repeat_interleave(heads, 1)[:, None, :, None])
+        group = self.q.shape[2] // self.k.shape[2]
+        return deq(self.q, self.q_descale, group), deq(self.k, self.k_descale, 1), deq(self.v, self.v_descale, 1)
+
 
 def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_tensor: bool = False,
                      rotate_qk: bool = False, generator: Optional[torch.Generator] = None) -> FP8Inputs:

@@ -270,11 +270,11 @@ def test_quantize_qkv_fp8(per_tensor):
     assert x.rotation is None and all(t.dtype == FP8 for t in (x.q, x.k, x.v))
     shape = () if per_tensor else (2, 3)
     assert x.q_descale.shape == x.k_descale.shape == x.v_descale.shape == shape
-    q_deq = x.q.double() * (x.q_descale.double() if per_tensor else x.q_descale.double().repeat_interleave(2, 1)
-                            [:, None, :, None])
+    q_deq, k_deq, _ = x.dequantized()
     scale = q.abs().amax() if per_tensor else q.abs().amax(dim=(1, 3)).reshape(2, 3, 2).amax(-1)
     assert torch.allclose(x.q_descale.double(), scale.double() / 448)
     assert ((q_deq - q.double()).abs() <= q.double().abs() / 16 + x.q_descale.double().max() * 2 ** -9).all()
+    assert ((k_deq - k.double()).abs() <= k.double().abs() / 16 + x.k_descale.double().max() * 2 ** -9).all()
 
 
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
@@ -290,9 +290,7 @@ def test_fp8_attention_accuracy_fa3_distribution(rotate):
     q, k, v = (fa3_distribution(b, s, h, d, device=DEVICE) for _ in range(3))
     ref, _ = attention_ref_batched(q.double(), k.double(), v.double())
     x = aq.quantize_qkv_fp8(q, k, v, rotate_qk=rotate)
-    deq = [xq.double() * xd.double()[:, None, :, None] for xq, xd in ((x.q, x.q_descale), (x.k, x.k_descale),
-                                                                      (x.v, x.v_descale))]
-    model, _ = attention_ref_batched(*deq)
+    model, _ = attention_ref_batched(*x.dequantized())
     out, _ = aq.flash_attn_func(x.q, x.k, x.v, **x.kwargs())
     err, err_model = rmse(out, ref), rmse(model, ref)
     assert err <= 1.1 * err_model + 2e-4, (err, err_model)

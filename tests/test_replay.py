@@ -36,8 +36,10 @@ def check_replay(out, lse, fmt, ref_o, ref_lse, eager_dtype_o, eager_call, what)
     if lse is not None:
         check_lse(lse, ref_lse, what)
     scales = fmt.block_scale.clone() if fmt.block_scale is not None else None
-    if scales is not None:
-        fmt.block_scale.fill_(float("nan")) if fmt.block_scale.dtype == torch.float32 else \
+    if scales is not None:  # NaN again, so the eager call must write every scale itself
+        if fmt.block_scale.dtype == torch.float32:  # (per-group scales: any strides, no byte view)
+            fmt.block_scale.fill_(float("nan"))
+        else:
             fmt.block_scale.view(torch.uint8).fill_(0xFF)
     eager_out, eager_lse = eager_call()
     assert same_bits(out, eager_out), f"{what}: replay and eager call differ"

@@ -34,9 +34,7 @@ def main():
         for per_tensor in (True, False):
             for rotate in (False, True):
                 x = aq.quantize_qkv_fp8(q, k, v, per_tensor=per_tensor, rotate_qk=rotate)
-                deq = [t.double() * (sc.double() if per_tensor else sc.double()[:, None, :, None])
-                       for t, sc in ((x.q, x.q_descale), (x.k, x.k_descale), (x.v, x.v_descale))]
-                model, _ = attention_ref_batched(*deq)
+                model, _ = attention_ref_batched(*x.dequantized())
                 out, _ = aq.flash_attn_func(x.q, x.k, x.v, **x.kwargs())
                 print(f"{d:>4} {'tensor' if per_tensor else '(B, Hkv)':<10} {'yes' if rotate else 'no':<8} "
                       f"{rmse(out, ref):9.2e} {rmse(model, ref):12.2e}", flush=True)

@@ -81,8 +81,9 @@ def sweep():
             print(f"  {name:<14} paged{page:<3} heuristic: {t:6.1f}")
 
 
-FP8_KV_CONFIGS = [FwdConfig(16, 128, 4, 3, True), FwdConfig(16, 128, 4, 5, True), FwdConfig(16, 128, 4, 3, True, True),
-                  FwdConfig(16, 128, 4, 5, True, True), FwdConfig(16, 64, 4, 6, True), FwdConfig(16, 256, 4, 3, True)]
+FP8_KV_CONFIGS = [FwdConfig(16, 128, 4, 3, True), FwdConfig(16, 128, 4, 5, True),
+                  FwdConfig(16, 128, 4, 3, True, f16_dots=True), FwdConfig(16, 128, 4, 5, True, f16_dots=True),
+                  FwdConfig(16, 64, 4, 6, True), FwdConfig(16, 256, 4, 3, True)]
 
 
 def fp8_kv_sweep():
